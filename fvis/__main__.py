@@ -1,0 +1,3 @@
+from fvis.cli import main
+
+main()

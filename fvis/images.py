@@ -1,0 +1,109 @@
+"""From optimised float images to PNG tiles and grids (the reference's display).
+
+Tiles and grids are uint8 arrays (H, W, C) with C = 3 (RGB) or 1 (grayscale);
+PNG files round-trip them exactly.
+"""
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from fvis.errors import InvalidValueError
+
+
+def deprocess(image, *, crop=25, mode="seed"):
+    """Turns one optimised image into a displayable uint8 tile.
+
+    Args:
+        image: (H, W, C) float array in fvis' [-1, 1] space.
+        crop: pixels removed on each side (the reference: 25), >= 0.
+        mode: "seed": the reference's contrast normalisation (centre on the mean,
+            divide by std + 1e-5, times 0.15, + 0.5, clip to [0, 1]);
+            "clip": map [-1, 1] to [0, 1] and clip, for parameterizations whose
+            images already live in range (Fourier, MaCo).
+
+    Returns:
+        (H - 2*crop, W - 2*crop, C) uint8.
+
+    Raises:
+        InvalidValueError: an unknown mode, or a crop that leaves no pixels.
+    """
+    x = np.asarray(image, np.float64)
+    h, w = x.shape[:2]
+    if crop < 0 or 2 * crop >= min(h, w):
+        raise InvalidValueError(f"crop={crop} leaves no pixels of a {h}x{w} image; use 0 <= crop < "
+                                f"{(min(h, w) + 1) // 2}. Received: crop={crop}")
+    if mode == "seed":
+        x = (x - x.mean()) / (x.std() + 1e-5) * 0.15
+    elif mode == "clip":
+        x = (x + 1.0) * 0.5 - 0.5
+    else:
+        raise InvalidValueError(f"Unknown display mode '{mode}'; use 'seed' or 'clip'. Received: mode='{mode}'")
+    x = x[crop: h - crop, crop: w - crop] + 0.5
+    return (np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def grid(tiles, *, margin=5, cols=None):
+    """Stitches tiles row by row into one image with black margins (the reference layout).
+
+    Args:
+        tiles: sequence of N uint8 tiles (h, w, C), all the same shape.
+        margin: black pixels between tiles.
+        cols: tiles per row; default ceil(sqrt(N)) (8 for 64, as in the reference).
+
+    Returns:
+        (rows*h + (rows-1)*margin, cols*w + (cols-1)*margin, C) uint8,
+        rows = ceil(N / cols); tile i sits at row i // cols, column i % cols.
+    """
+    tiles = [np.asarray(t) for t in tiles]
+    if not tiles:
+        raise InvalidValueError("grid needs at least one tile.")
+    h, w, c = tiles[0].shape
+    cols = cols or math.ceil(math.sqrt(len(tiles)))
+    rows = math.ceil(len(tiles) / cols)
+    out = np.zeros((rows * h + (rows - 1) * margin, cols * w + (cols - 1) * margin, c), np.uint8)
+    for i, tile in enumerate(tiles):
+        y, x = (i // cols) * (h + margin), (i % cols) * (w + margin)
+        out[y: y + h, x: x + w] = tile
+    return out
+
+
+def save_png(path, array):
+    """Writes a uint8 (H, W, 3) or (H, W, 1) array as PNG, atomically (temp file + rename).
+
+    Raises:
+        InvalidValueError: not uint8, or not 1 or 3 channels.
+    """
+    array = np.asarray(array)
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3):
+        raise InvalidValueError(f"save_png needs a uint8 (H, W, 1|3) array. Received: dtype={array.dtype}, "
+                                f"shape={array.shape}")
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+def load_png(path):
+    """Reads a PNG as uint8 (H, W, C), C = 1 for grayscale, 3 for colour."""
+    image = Image.open(path)
+    array = np.asarray(image.convert("L" if image.mode in ("L", "I;16", "I") else "RGB"))
+    return array[..., None] if array.ndim == 2 else array
+
+
+def load_photo(path, image_size, *, channels=3):
+    """Loads a photo, centre-cropped to a square, resized to (H, W), in fvis' [-1, 1] space.
+
+    Returns:
+        (H, W, channels) float32 in [-1, 1].
+    """
+    image = Image.open(path).convert("L" if channels == 1 else "RGB")
+    w, h = image.size
+    s = min(w, h)
+    image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
+    array = np.asarray(image, np.float32).reshape(image_size[0], image_size[1], channels)
+    return array / 127.5 - 1.0

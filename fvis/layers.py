@@ -1,0 +1,122 @@
+"""Reach any layer of a Keras model by name, nested sub-models included.
+
+A layer path is a layer name (`conv3_block4_out`) or, for a layer inside a
+sub-model, the names joined by "/" (`backbone/conv3_block4_out`). The extractor
+built here is a Functional model from the model's input to those layers'
+outputs; fvis calls it with `stateless_call`, so weights stay arguments and the
+model's variables are never written.
+"""
+
+import keras
+from keras.src.ops.function import make_node_key
+
+from fvis.errors import InvalidTypeError, InvalidValueError, UnknownNameError, did_you_mean
+
+
+def _graph(model):
+    """The Functional graph of a Functional or (built) Sequential model."""
+    return getattr(model, "_functional", None) or model
+
+
+def _is_model(layer):
+    return isinstance(layer, keras.Model) and getattr(_graph(layer), "_nodes", None) is not None
+
+
+def layer_paths(model, prefix=""):
+    """All layer paths of `model`, nested sub-models' layers as "outer/inner".
+
+    Args:
+        model: a built Functional or Sequential `keras.Model`.
+
+    Returns:
+        list of str, in the model's layer order (input layers excluded).
+    """
+    paths = []
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        paths.append(prefix + layer.name)
+        if _is_model(layer):
+            paths.extend(layer_paths(layer, prefix + layer.name + "/"))
+    return paths
+
+
+def get_layer(model, path):
+    """Finds the layer at `path` ("name" or "outer/inner").
+
+    Raises:
+        UnknownNameError: no such layer; the message lists the nearest names.
+    """
+    current = model
+    for depth, name in enumerate(path.split("/")):
+        names = [l.name for l in current.layers]
+        if name not in names or (depth < len(path.split("/")) - 1 and not _is_model(current.get_layer(name))):
+            raise UnknownNameError(did_you_mean(path, layer_paths(model), kind="layer"))
+        current = current.get_layer(name)
+    return current
+
+
+def _feeding_tensors(outer, sub):
+    """The symbolic tensors that feed sub-model `sub` in `outer`'s graph."""
+    own = _graph(outer)._nodes
+    nodes = [n for i, n in enumerate(sub._inbound_nodes) if make_node_key(sub, i) in own]
+    if len(nodes) != 1:
+        raise InvalidTypeError(
+            f"Sub-model '{sub.name}' is called {len(nodes)} times in '{outer.name}'; fvis can "
+            "only reach layers of a sub-model called exactly once.")
+    tensors = nodes[0].input_tensors
+    return tensors[0] if len(tensors) == 1 else tensors
+
+
+def _cut(model, outputs):
+    """A Functional model from `model`'s inputs to `outputs`, accepting any input size."""
+    cut = keras.Model(model.inputs, outputs)
+    cut.input_spec = None  # the model's own input size is checked by the layers, if they care
+    return cut
+
+
+def _output_of(model, parts, x):
+    """Output of the layer at `parts` when `model` is applied to symbolic `x`."""
+    layer = model.get_layer(parts[0])
+    if len(parts) == 1:
+        return _cut(model, layer.output)(x)
+    feed = _cut(model, _feeding_tensors(model, layer))(x)
+    return _output_of(layer, parts[1:], feed)
+
+
+def feature_extractor(model, paths, image_size):
+    """A Functional model from `model`'s input to the outputs of `paths`.
+
+    Args:
+        model: a built Functional or Sequential `keras.Model` with one input.
+        paths: layer paths (see `get_layer`).
+        image_size: (H, W) the extractor takes; it may differ from the size the model
+            was built for wherever its layers allow (fully convolutional up to `paths`).
+
+    Returns:
+        `keras.Model` taking (N, H, W, C) and returning a list, one output per path;
+        its `outputs` carry the static output shapes at `image_size`.
+
+    Raises:
+        UnknownNameError: an unknown path.
+        InvalidTypeError: a model with several inputs, or a sub-model used twice.
+        InvalidValueError: the layers up to `paths` do not accept `image_size`.
+    """
+    for path in paths:
+        get_layer(model, path)
+    if len(model.inputs) != 1:
+        raise InvalidTypeError(f"fvis needs a model with one image input; '{model.name}' has "
+                               f"{len(model.inputs)}.")
+    x = keras.Input(shape=(*image_size, model.inputs[0].shape[-1]), name="fvis_image")
+    try:
+        outputs = [_output_of(model, path.split("/"), x) for path in paths]
+    except ValueError as e:
+        built = tuple(model.inputs[0].shape[1:3])
+        lines = [l.replace("\x1b[1m", "").replace("\x1b[0m", "").strip() for l in str(e).splitlines()]
+        reason = next((l for l in lines if l and not l.startswith("Exception encountered")), "")
+        raise InvalidValueError(
+            f"The layers of '{model.name}' up to {list(paths)} do not accept "
+            f"{image_size[0]}x{image_size[1]} images (the model was built for {built}): "
+            f"{reason} Set image_size={list(built)} if the size is fixed. "
+            f"Received: image_size={list(image_size)}") from e
+    return keras.Model(x, outputs, name=f"{model.name}_features")

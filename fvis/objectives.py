@@ -1,0 +1,207 @@
+"""Objectives: what to maximise, written for ONE image and combined with + - *.
+
+An `Objective` maps one image's activations to a scalar. It is called as
+`objective(acts, unit)`: `acts` maps each layer path the objective names to that
+image's activation, (h, w, c) for a feature map or (c,) for a vector, and
+`INPUT` to the image itself (H, W, C) in fvis' [-1, 1] space; `unit` is an
+int32 scalar (traced under jit) selecting the channel, class or direction being
+visualised. The render loop vmaps objectives over images and units, so an
+objective never sees a batch axis (no norms or means taken across the batch).
+
+Objectives combine like numbers (lucid's convention, Olah et al., Distill 2017)::
+
+    channel("mixed4a") - 0.05 * total_variation()
+
+Terms that compare several images of the same unit (diversity) are "group"
+terms: they receive the stacked activations (D, ...) of the D images of a unit.
+"""
+
+import jax.numpy as jnp
+
+from fvis.errors import InvalidTypeError, InvalidValueError
+
+INPUT = ":input"  # acts[INPUT] is the image being optimised, before transforms
+
+
+class Objective:
+    """A scalar to maximise.
+
+    Args:
+        image_fn: (acts, unit) -> float32 scalar, for one image; or None.
+        group_fn: (stacked_acts, unit) -> float32 scalar over a unit's D images, with
+            each activation stacked on a leading axis of size D; or None.
+        layers: layer paths whose activations the objective reads.
+        checks: callables (shapes) -> number of units the objective can index, or None
+            when it takes no unit; `shapes` maps layer paths to output shapes without
+            the batch axis. They raise for a layer the objective cannot apply to.
+        name: a readable description.
+    """
+
+    def __init__(self, image_fn=None, group_fn=None, *, layers=(), checks=(), name="objective"):
+        self.image_fn, self.group_fn = image_fn, group_fn
+        self.layers, self.checks, self.name = tuple(dict.fromkeys(layers)), tuple(checks), name
+
+    def __call__(self, acts, unit):
+        """The per-image value: acts of one image -> float32 scalar (0 if only group terms)."""
+        return self.image_fn(acts, unit) if self.image_fn else jnp.float32(0.0)
+
+    def group(self, stacked_acts, unit):
+        """The group value over a unit's D images (0 if there is no group term)."""
+        return self.group_fn(stacked_acts, unit) if self.group_fn else jnp.float32(0.0)
+
+    def num_units(self, shapes):
+        """How many units the objective can be asked for, given the layers' output shapes.
+
+        Returns:
+            int, or None when no term takes a unit (any unit index gives the same image).
+
+        Raises:
+            InvalidTypeError: a term cannot apply to its layer's output.
+        """
+        counts = [n for n in (check(shapes) for check in self.checks) if n is not None]
+        return min(counts) if counts else None
+
+    def _combine(self, other, op, symbol):
+        if not isinstance(other, Objective):
+            raise TypeError(f"Objectives combine with objectives; received {type(other).__name__}")
+        join = lambda f, g: (None if f is None and g is None else
+                             lambda a, u: op(f(a, u) if f else 0.0, g(a, u) if g else 0.0))
+        return Objective(join(self.image_fn, other.image_fn), join(self.group_fn, other.group_fn),
+                         layers=self.layers + other.layers, checks=self.checks + other.checks,
+                         name=f"({self.name} {symbol} {other.name})")
+
+    def __add__(self, other):
+        return self._combine(other, lambda a, b: a + b, "+")
+
+    def __sub__(self, other):
+        return self._combine(other, lambda a, b: a - b, "-")
+
+    def __mul__(self, scale):
+        if isinstance(scale, Objective):
+            return self._combine(scale, lambda a, b: a * b, "*")
+        scale = float(scale)
+        times = lambda f: None if f is None else (lambda a, u: scale * f(a, u))
+        return Objective(times(self.image_fn), times(self.group_fn), layers=self.layers,
+                         checks=self.checks, name=f"{scale:g} * {self.name}")
+
+    __rmul__ = __mul__
+
+    def __neg__(self):
+        return -1.0 * self
+
+    def __truediv__(self, scale):
+        return self * (1.0 / float(scale))
+
+    def __repr__(self):
+        return f"Objective({self.name})"
+
+
+def _feature_map_check(layer, kind, border=0):
+    def check(shapes):
+        shape = tuple(shapes[layer])
+        if len(shape) != 3:
+            raise InvalidTypeError(
+                f"The {kind} objective needs a feature map (H, W, C), but layer '{layer}' outputs "
+                f"shape {shape}. For a vector output use objective=neuron or objective=class_logit.")
+        if shape[0] <= 2 * border or shape[1] <= 2 * border:
+            raise InvalidValueError(
+                f"Layer '{layer}' outputs a {shape[0]}x{shape[1]} map at this image size, too small "
+                f"for a {border}-pixel border. Use a larger image_size or border=0.")
+        return shape[-1]
+    return check
+
+
+def _any_rank_check(layer):
+    return lambda shapes: tuple(shapes[layer])[-1]
+
+
+def _interior(act, border):
+    return act[border: act.shape[0] - border, border: act.shape[1] - border] if border else act
+
+
+def channel(layer, *, border=2):
+    """Mean activation of one channel: the reference objective.
+
+    Args:
+        layer: layer path; its output must be a feature map (h, w, c).
+        border: pixels of the activation map excluded on each side (the reference
+            uses 2 to avoid border effects).
+
+    Unit: the channel index, in [0, c).
+    """
+    return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border)[..., unit]),
+                     layers=[layer], checks=[_feature_map_check(layer, "channel", border)],
+                     name=f"channel({layer})")
+
+
+def neuron(layer, *, position=None):
+    """Activation of one neuron: one channel at one spatial position, or one vector entry.
+
+    Args:
+        layer: layer path; a feature map (h, w, c) or a vector (c,).
+        position: (y, x) in the activation map; the centre (h // 2, w // 2) by default.
+
+    Unit: the channel index, in [0, c).
+    """
+    def fn(acts, unit):
+        act = acts[layer]
+        if act.ndim == 1:
+            return act[unit]
+        y, x = position if position is not None else (act.shape[0] // 2, act.shape[1] // 2)
+        return act[y, x, unit]
+    return Objective(fn, layers=[layer], checks=[_any_rank_check(layer)], name=f"neuron({layer})")
+
+
+def class_logit(layer):
+    """A class logit (pre-softmax): for models built with their classifier.
+
+    Args:
+        layer: the classifier's layer path (its output (num_classes,) must be logits;
+            fvis builds keras.applications heads without softmax).
+
+    Unit: the class index.
+    """
+    def check(shapes):
+        if len(tuple(shapes[layer])) != 1:
+            raise InvalidTypeError(f"class_logit needs a vector of logits, but layer '{layer}' outputs "
+                                   f"shape {tuple(shapes[layer])}. Use objective=channel for feature maps.")
+        return shapes[layer][-1]
+    return Objective(lambda acts, unit: acts[layer][unit], layers=[layer], checks=[check],
+                     name=f"class_logit({layer})")
+
+
+def deepdream(layer, *, border=0):
+    """Mean squared activation of a whole layer (Mordvintsev et al., 2015: DeepDream).
+
+    Takes no unit: every requested unit gives an image of the same objective
+    (from its own random start).
+    """
+    return Objective(lambda acts, unit: jnp.mean(jnp.square(_interior(acts[layer], border))),
+                     layers=[layer], checks=[lambda shapes: None], name=f"deepdream({layer})")
+
+
+def direction(layer, vectors, *, border=2):
+    """Mean projection of the activations onto a direction in channel space.
+
+    Args:
+        layer: layer path; a feature map (h, w, c).
+        vectors: (K, c) float array of directions (not normalised here). A one-hot
+            vector e_i gives exactly `channel(layer)` for unit i.
+        border: as in `channel`.
+
+    Unit: the row of `vectors`, in [0, K).
+    """
+    vectors = jnp.asarray(vectors, jnp.float32)
+    if vectors.ndim != 2:
+        raise InvalidValueError(f"direction vectors must be a (K, channels) array. "
+                                f"Received: shape {vectors.shape}")
+    feature_map = _feature_map_check(layer, "direction", border)
+
+    def check(shapes):
+        channels = feature_map(shapes)
+        if vectors.shape[1] != channels:
+            raise InvalidValueError(f"direction vectors have {vectors.shape[1]} entries, layer '{layer}' "
+                                    f"has {channels} channels.")
+        return vectors.shape[0]
+    return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border) @ vectors[unit]),
+                     layers=[layer], checks=[check], name=f"direction({layer})")

@@ -1,0 +1,130 @@
+"""Everything a job writes into its output folder, each file written atomically.
+
+Layout of a run folder:
+    grid.png               all tiles, the reference layout
+    filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
+    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
+    results.json           resolved config, per-filter curves and final values, timings
+    chunks/chunk_00000.npz finished chunks, so a killed job resumes where it stopped
+"""
+
+import hashlib
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+from fvis import images as images_lib
+from fvis.render import Rendered
+
+
+def atomic_write_bytes(path, data):
+    """Writes bytes to `path` via a temporary file in the same folder and a rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False) + "\n").encode())
+
+
+def npz_bytes(**arrays):
+    """An uncompressed .npz archive in memory (deterministic bytes for equal arrays)."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w", zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            member = io.BytesIO()
+            np.lib.format.write_array(member, np.asarray(array), allow_pickle=False)
+            archive.writestr(info, member.getvalue())
+    return buffer.getvalue()
+
+
+def fingerprint(config):
+    """A short hash of a JSON-able config: chunks of another config are never reused."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class ChunkStore:
+    """Finished chunks as `chunks/chunk_NNNNN.npz` files in a run folder.
+
+    A chunk file is reused only if it reads back completely (zip CRCs checked),
+    holds the expected units, and carries this job's config fingerprint; anything
+    else (a partial file left by a kill, another config) is recomputed.
+    """
+
+    def __init__(self, folder, config_fingerprint):
+        self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
+        self.reused, self.rejected = [], []
+
+    def _path(self, index):
+        return self.folder / f"chunk_{index:05d}.npz"
+
+    def load(self, index, units):
+        path = self._path(index)
+        if not path.exists():
+            return None
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {k: data[k] for k in data.files}  # reading checks every CRC
+            ok = (str(arrays.pop("fingerprint")) == self.fingerprint
+                  and np.array_equal(arrays.pop("units"), units))
+            rendered = Rendered(**arrays) if ok else None
+        except Exception:  # truncated, corrupt or foreign file: never trusted
+            rendered = None
+        (self.reused if rendered is not None else self.rejected).append(index)
+        return rendered
+
+    def save(self, index, units, rendered):
+        atomic_write_bytes(self._path(index), npz_bytes(
+            fingerprint=np.array(self.fingerprint), units=units, **rendered._asdict()))
+
+
+def tiles(result, *, crop=25, mode="seed"):
+    """Deprocessed uint8 tiles of a `Result`, unit-major: (N*D) tiles."""
+    flat = result.images.reshape(-1, *result.images.shape[2:])
+    return [images_lib.deprocess(image, crop=crop, mode=mode) for image in flat]
+
+
+def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
+    """Writes grid, per-filter PNGs, raw images and results.json for a finished job.
+
+    Args:
+        folder: the run's output folder.
+        result: an `fvis.Result`.
+        config: the resolved config (JSON-able dict), recorded in results.json.
+        meta: extra JSON-able facts (model, layer, timings, versions).
+        crop, mode, margin: display settings (see `fvis.images`).
+
+    Returns:
+        The dict written to results.json.
+    """
+    folder = Path(folder)
+    (folder / "filters").mkdir(parents=True, exist_ok=True)
+    all_tiles = tiles(result, crop=crop, mode=mode)
+    images_lib.save_png(folder / "grid.png", images_lib.grid(all_tiles, margin=margin))
+    n, d = result.final.shape
+    records = []
+    for i, unit in enumerate(result.units):
+        for j in range(d):
+            name = f"filter_{unit:04d}.png" if d == 1 else f"filter_{unit:04d}_{j}.png"
+            images_lib.save_png(folder / "filters" / name, all_tiles[i * d + j])
+            records.append({
+                "unit": int(unit), "image": j, "png": f"filters/{name}",
+                "final": float(result.final[i, j]), "dead": bool(result.dead[i, j]),
+                "loss_curve": [float(v) for v in result.curves[i, j]],
+            })
+    atomic_write_bytes(folder / "images.npz", npz_bytes(
+        units=result.units, images=result.images, curves=result.curves, final=result.final))
+    summary = {"config": config, **meta, "filters": records}
+    atomic_write_json(folder / "results.json", summary)
+    return summary

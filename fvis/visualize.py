@@ -1,0 +1,207 @@
+"""Run a feature-visualization job: check everything, compile once, optimise in chunks.
+
+    import fvis
+    model = fvis.models.efficientnet_lite0()
+    result = fvis.visualize(model, "block4a_expand_activation", units="0:16")
+    fvis.images.save_png("grid.png", fvis.images.grid(fvis.outputs.tiles(result)))
+
+All input is checked before any compilation. Units are split into fixed chunks
+of `batch_size`; every chunk runs through the same compiled function (the last
+one padded), and each finished chunk can be handed to a store, so a killed job
+loses at most the chunk in flight.
+"""
+
+import dataclasses
+import time
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from fvis import objectives as objectives_lib
+from fvis import optim, params as params_lib, transforms as transforms_lib
+from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
+from fvis.layers import feature_extractor
+from fvis.models import VisModel
+from fvis.render import Forward, Rendered, image_keys, make_render_fn
+from fvis.units import parse_units
+
+
+@dataclasses.dataclass
+class Result:
+    """A job's images and measurements, in the order of `units`.
+
+    Attributes:
+        units: (N,) int32 unit indices.
+        images: (N, D, H, W, C) float32 in fvis' [-1, 1] space (unclipped).
+        curves: (N, D, steps) float32 objective before each update.
+        final: (N, D) float32 objective of the final image (no transforms).
+        grad_norms: (N, D, steps) float32 gradient norms.
+        compile_s: seconds spent compiling (0 if every chunk came from the store).
+        optimize_s: seconds spent running the compiled chunks.
+    """
+
+    units: np.ndarray
+    images: np.ndarray
+    curves: np.ndarray
+    final: np.ndarray
+    grad_norms: np.ndarray
+    compile_s: float = 0.0
+    optimize_s: float = 0.0
+
+    @property
+    def dead(self):
+        """(N, D) bool: the gradient was exactly zero at every step (the image never moved)."""
+        return np.all(self.grad_norms == 0, axis=-1)
+
+
+def check_positive_int(name, value, minimum=1):
+    """Returns int(value) or raises InvalidValueError naming the key."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise InvalidValueError(f"{name} must be an integer >= {minimum}. Received: {name}={value!r}")
+    return int(value)
+
+
+def auto_batch_size(num_units, platform=None):
+    """Filters per compiled batch when batch_size="auto": all of them on an accelerator
+    (up to 128), 16 on a CPU, where larger batches stop paying (see experiments/)."""
+    platform = platform or jax.default_backend()
+    return max(1, min(num_units, 16 if platform == "cpu" else 128))
+
+
+@dataclasses.dataclass
+class Job:
+    """A checked, ready-to-compile job (see `prepare`)."""
+
+    forward: Forward
+    objective: objectives_lib.Objective
+    units: np.ndarray
+    batch_size: int
+    images_per_unit: int
+    steps: int
+    seed: int
+    run_fn: object
+    image_shape: tuple
+
+    def chunks(self):
+        """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
+        b = self.batch_size
+        return [(i, self.units[s: s + b]) for i, s in enumerate(range(0, len(self.units), b))]
+
+    def _args(self, chunk_units):
+        padded = np.concatenate([chunk_units, np.repeat(chunk_units[-1:], self.batch_size - len(chunk_units))])
+        keys = image_keys(jax.random.key(self.seed), padded, self.images_per_unit)
+        return padded, keys
+
+    def compile(self, weights):
+        """Compiles the chunk function once; returns (compiled, seconds)."""
+        start = time.perf_counter()
+        units, keys = self._args(self.units[: self.batch_size])
+        compiled = jax.jit(self.run_fn).lower(weights, units, keys).compile()
+        return compiled, time.perf_counter() - start
+
+    def run(self, *, store=None, progress="auto"):
+        """Optimises every chunk not already in `store`; returns a `Result`.
+
+        Args:
+            store: optional object with `load(index, units) -> Rendered | None` and
+                `save(index, units, rendered)`; finished chunks are saved as they end.
+            progress: True, False, or "auto" (a bar when stderr is a terminal).
+
+        Raises:
+            NonFiniteError: a chunk produced NaN or Inf; earlier chunks stay saved.
+        """
+        weights = self.forward.weights()
+        compiled, compile_s, optimize_s, parts = None, 0.0, 0.0, []
+        bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
+                   desc=self.objective.name)
+        with bar:
+            for index, chunk_units in self.chunks():
+                rendered = store.load(index, chunk_units) if store is not None else None
+                if rendered is None:
+                    if compiled is None:
+                        compiled, compile_s = self.compile(weights)
+                    start = time.perf_counter()
+                    out = compiled(weights, *self._args(chunk_units))
+                    rendered = Rendered(*(np.asarray(a)[: len(chunk_units)] for a in out))
+                    optimize_s += time.perf_counter() - start
+                    self._check_finite(rendered, chunk_units)
+                    if store is not None:
+                        store.save(index, chunk_units, rendered)
+                parts.append(rendered)
+                bar.update(len(chunk_units))
+        stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
+        return Result(self.units, *stacked, compile_s=compile_s, optimize_s=optimize_s)
+
+    def _check_finite(self, rendered, chunk_units):
+        for name in ("curves", "grad_norms", "images", "final"):
+            bad = ~np.isfinite(getattr(rendered, name))
+            if bad.any():
+                row = int(np.argwhere(bad)[0][0])
+                step_bad = ~np.isfinite(rendered.curves[row]) | ~np.isfinite(rendered.grad_norms[row])
+                step = int(np.argwhere(step_bad.any(axis=0))[0][0]) if step_bad.any() else self.steps
+                raise NonFiniteError(
+                    f"Non-finite {name} for {self.objective.name}, filter {int(chunk_units[row])}, first at "
+                    f"step {step} of {self.steps}. Finished chunks are kept. Try a smaller lr, another "
+                    "optimizer, or a regularizer.")
+
+
+def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, steps=30,
+            batch_size="auto", images_per_unit=1, seed=0):
+    """Checks a job and builds everything it needs except the compilation.
+
+    Args:
+        model: an `fvis.models.VisModel`.
+        objective: an `fvis.objectives.Objective`, or a layer path (= `channel(layer)`).
+        units: which units, see `fvis.units.parse_units` ("all", int, list, "0:64").
+        param: parameterization; default `fvis.params.pixel()` (the reference).
+        transform: `(key, image) -> image`; default none (the reference).
+        optimizer: optax transformation; default `fvis.optim.normalized_ascent(10.0)`.
+        steps: optimisation steps, >= 1 (the reference: 30).
+        batch_size: units per compiled chunk, or "auto" (see `auto_batch_size`).
+        images_per_unit: D images per unit from different starts (for diversity), >= 1.
+        seed: int; unit u's random start depends on (seed, u) only.
+
+    Returns:
+        A `Job`; call `job.run()`.
+
+    Raises:
+        InvalidValueError, InvalidTypeError, UnitIndexError, UnknownNameError: bad input,
+            raised before any compilation or optimisation.
+    """
+    if not isinstance(model, VisModel):
+        raise InvalidTypeError(f"model must be an fvis.models.VisModel (see fvis.models.wrap). "
+                               f"Received: {type(model).__name__}")
+    if isinstance(objective, str):
+        objective = objectives_lib.channel(objective)
+    if not isinstance(objective, objectives_lib.Objective):
+        raise InvalidTypeError(f"objective must be an fvis Objective or a layer name. "
+                               f"Received: {type(objective).__name__}")
+    steps = check_positive_int("steps", steps)
+    images_per_unit = check_positive_int("images_per_unit", images_per_unit)
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise InvalidValueError(f"seed must be an integer. Received: seed={seed!r}")
+    layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
+    forward = Forward(feature_extractor(model.model, layers, model.image_size), tuple(layers),
+                      model.to_model_input)
+    units = parse_units(units, objective.num_units(forward.shapes()))
+    if batch_size == "auto":
+        batch_size = auto_batch_size(len(units))
+    batch_size = min(check_positive_int("batch_size", batch_size), len(units))
+    image_shape = (*model.image_size, model.channels)
+    run_fn = make_render_fn(
+        forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
+        optimizer=optimizer or optim.normalized_ascent(10.0), steps=steps, image_shape=image_shape)
+    return Job(forward, objective, units, batch_size, images_per_unit, steps, int(seed), run_fn, image_shape)
+
+
+def visualize(model, objective, units="all", *, store=None, progress="auto", **settings):
+    """Optimises one image per unit (or `images_per_unit`) to maximise `objective`.
+
+    Shorthand for `prepare(model, objective, units, **settings).run(store=..., progress=...)`;
+    see `prepare` for the arguments and errors.
+
+    Returns:
+        A `Result`.
+    """
+    return prepare(model, objective, units, **settings).run(store=store, progress=progress)

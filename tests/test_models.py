@@ -1,0 +1,125 @@
+"""Models: real pretrained weights, offline conversion, input ranges, failures."""
+
+import time
+import urllib.error
+
+import keras
+import numpy as np
+import pytest
+
+from fvis import images, layers, models
+from fvis.errors import MissingFileError, UnknownNameError, WeightsUnavailableError
+from tests.conftest import shared_path
+
+
+def top_classes(vis_model, photo, k=3):
+    x = images.load_photo(photo, vis_model.image_size)
+    logits = np.asarray(vis_model.model(vis_model.to_model_input(x)[None]))[0]
+    probs = np.exp(logits - logits.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs)[:k]
+    return order, probs[order]
+
+
+def test_mobilenet_local_weights_classify_the_cat():
+    weights = shared_path("weights", "mobilenet_0.25_224.weights.h5")
+    model = models.keras_application("MobileNet", alpha=0.25, weights=str(weights), include_top=True,
+                                     image_size=(224, 224))
+    assert model.input_space == "tf"
+    order, _ = top_classes(model, shared_path("images", "chelsea.png"))
+    assert order[0] in (281, 282, 285)
+    order, probs = top_classes(model, shared_path("images", "coffee.png"))
+    assert order[0] == 967 and probs[0] > 0.8
+
+
+@pytest.fixture(scope="module")
+def lite0():
+    return models.efficientnet_lite0(image_size=(224, 224))
+
+
+def test_efficientnet_lite0_conversion_classifies(lite0):
+    order, _ = top_classes(lite0, shared_path("images", "chelsea.png"))
+    assert order[0] in (281, 282, 285)
+    order, probs = top_classes(lite0, shared_path("images", "coffee.png"))
+    assert order[0] == 967 and probs[0] > 0.8
+
+
+def test_efficientnet_lite0_is_cached_and_resizable(lite0):
+    start = time.perf_counter()
+    small = models.efficientnet_lite0(image_size=(160, 120))  # converted weights come from the cache
+    assert time.perf_counter() - start < 30
+    for name in ("stem_conv", "block4c_expand_conv", "predictions"):
+        for a, b in zip(small.model.get_layer(name).get_weights(), lite0.model.get_layer(name).get_weights()):
+            np.testing.assert_array_equal(a, b)
+    assert layers.feature_extractor(small.model, ["block4c_add"], (160, 120)).outputs[0].shape[1:3] == (10, 8)
+
+
+def _first_layer_input(vis_model, layer):
+    extractor = layers.feature_extractor(vis_model.model, [layer], vis_model.image_size)
+    ones = np.ones((2, *vis_model.image_size, 3), "float32") * np.array([-1, 1], "float32")[:, None, None, None]
+    return np.asarray(extractor(vis_model.to_model_input(ones)))
+
+
+@pytest.mark.parametrize("name, layer, low, high", [
+    ("ResNet50V2", "conv1_pad", [-1, -1, -1], [1, 1, 1]),
+    ("MobileNet", "conv1", None, None),  # checked below through the input layer
+    ("VGG16", "block1_conv1", None, None),
+    ("DenseNet121", "zero_padding2d", None, None),
+])
+def test_input_space_reaches_first_layer(name, layer, low, high):
+    vis_model = models.keras_application(name, weights=None, image_size=(64, 64))
+    expected = {
+        "tf": ([-1, -1, -1], [1, 1, 1]),
+        "caffe": (-np.array([103.939, 116.779, 123.68]), 255 - np.array([103.939, 116.779, 123.68])),
+        "torch": (-np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225]),
+                  (1 - np.array([0.485, 0.456, 0.406])) / np.array([0.229, 0.224, 0.225])),
+    }[vis_model.input_space]
+    seen = np.asarray(vis_model.to_model_input(np.array([[[[-1.0] * 3]], [[[1.0] * 3]]], "float32")))
+    np.testing.assert_allclose(seen[0, 0, 0], expected[0], rtol=1e-5)
+    np.testing.assert_allclose(seen[1, 0, 0], expected[1], rtol=1e-5)
+    if low is not None:
+        first = _first_layer_input(vis_model, layer)
+        np.testing.assert_allclose(first[0, 5, 5], low, atol=1e-6)
+        np.testing.assert_allclose(first[1, 5, 5], high, atol=1e-6)
+
+
+def test_lite0_first_conv_sees_normalised_pixels(lite0):
+    first = _first_layer_input(lite0, "stem_conv_pad")  # after the model's own Rescaling + Normalization
+    np.testing.assert_allclose(first[0, 5, 5], [-127 / 128] * 3, atol=1e-5)
+    np.testing.assert_allclose(first[1, 5, 5], [1.0] * 3, atol=1e-5)
+
+
+def test_imagenet_download_failure_is_fast_and_names_the_ways_out(monkeypatch, tmp_path):
+    from keras.src.utils import file_utils
+
+    def no_network(*args, **kwargs):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    real_get_file = file_utils.get_file
+    monkeypatch.setattr(file_utils, "urlretrieve", no_network)
+    monkeypatch.setattr(file_utils, "get_file", lambda *a, **k: real_get_file(*a, **{**k, "cache_dir": str(tmp_path)}))
+    start = time.perf_counter()
+    with pytest.raises(WeightsUnavailableError) as info:
+        models.keras_application("ResNet50V2", weights="imagenet", image_size=(64, 64))
+    assert time.perf_counter() - start < 20
+    message = str(info.value)
+    assert "efficientnet_lite0" in message and "model.weights=" in message and "ResNet50V2" in message
+
+
+def test_unknown_application_suggests_names():
+    with pytest.raises(UnknownNameError, match="Did you mean 'ResNet50V2'"):
+        models.keras_application("ResNet50v2", weights=None)
+
+
+def test_missing_weights_file_is_named(tmp_path):
+    with pytest.raises(MissingFileError, match="nothere.h5"):
+        models.keras_application("MobileNet", weights=str(tmp_path / "nothere.h5"))
+
+
+def test_saved_keras_file_loads(tmp_path, tiny):
+    path = tmp_path / "tiny.keras"
+    tiny.model.save(path)
+    loaded = models.saved_model(path, input_space="tf")
+    assert loaded.image_size == (32, 32) and loaded.name == "tiny"
+    x = np.random.default_rng(0).normal(size=(1, 32, 32, 3)).astype("float32")
+    np.testing.assert_allclose(loaded.model(x), tiny.model(x), atol=1e-6)
