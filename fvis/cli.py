@@ -20,6 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 import fvis
 from fvis import optim, outputs
@@ -53,7 +54,8 @@ def _check_scalars(cfg):
     if cfg.batch_size != "auto":
         check_positive_int("batch_size", cfg.batch_size)
     optim.check_learning_rate(cfg.lr)
-    _check_image_size(cfg.image_size)
+    if cfg.image_size is not None:
+        _check_image_size(cfg.image_size)
 
 
 def _instantiate(node, **kwargs):
@@ -74,7 +76,7 @@ def run(cfg, out_dir):
     """
     start = time.perf_counter()
     _check_scalars(cfg)
-    model = _instantiate(cfg.model, image_size=tuple(cfg.image_size))
+    model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
     load_s = time.perf_counter() - start
     job = fvis.prepare(
         model, _instantiate(cfg.objective), OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters)
@@ -113,6 +115,11 @@ def main(cfg):
         summary = run(cfg, out_dir)
     except FvisError as e:
         print(f"fvis: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
+        key = getattr(e, "full_key", None)
+        hint = f" Set it on the command line, e.g. `fvis ... {key}=VALUE`." if key else ""
+        print(f"fvis: error: {str(e).splitlines()[0]}.{hint}", file=sys.stderr)
         sys.exit(2)
     t = summary["timings"]
     print(f"fvis: {len(summary['filters'])} images of {summary['objective']} -> {out_dir}/grid.png "

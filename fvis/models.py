@@ -9,6 +9,7 @@ own input range, so the same settings (init, learning rate) work across models.
 import dataclasses
 import os
 import socket
+import warnings
 from pathlib import Path
 
 import keras
@@ -114,7 +115,16 @@ def _input_channels(model, default=3):
         return int(layer_shape[-1]) if layer_shape else default
 
 
-def wrap(model, *, input_space="tf", image_size=(180, 180), channels=None, name=None):
+def _fixed_size(model):
+    """The model's own (H, W) if its input has a fixed spatial size, else None."""
+    try:
+        shape = model.inputs[0].shape
+    except (AttributeError, ValueError, IndexError, TypeError):
+        return None
+    return (int(shape[1]), int(shape[2])) if shape[1] is not None and shape[2] is not None else None
+
+
+def wrap(model, *, input_space="tf", image_size=None, channels=None, name=None):
     """Wraps any Keras model for fvis.
 
     Args:
@@ -123,8 +133,11 @@ def wrap(model, *, input_space="tf", image_size=(180, 180), channels=None, name=
         input_space: how fvis' [-1, 1] images map to the model's input; one of
             `INPUT_SPACES` ("tf" [-1, 1], "unit" [0, 1], "raw255" [0, 255],
             "torch" ImageNet mean/std, "caffe" BGR mean-subtracted).
-        image_size: (H, W) of the optimised images.
-        channels: image channels, when the model does not say (Sequential without Input).
+        image_size: (H, W) of the optimised images; by default the model's own input
+            size. Required when the model does not fix one (spatial size None, or a
+            Sequential without `Input`).
+        channels: image channels, when the model does not say (Sequential without
+            Input); default 3.
         name: label for outputs; defaults to `model.name`.
 
     Returns:
@@ -133,8 +146,15 @@ def wrap(model, *, input_space="tf", image_size=(180, 180), channels=None, name=
     Raises:
         InvalidValueError, UnknownNameError, InvalidTypeError: bad arguments.
     """
-    image_size = _check_image_size(image_size)
     _check_space(input_space)
+    if image_size is None:
+        image_size = _fixed_size(model)
+        if image_size is None:
+            raise InvalidValueError(
+                f"Model '{getattr(model, 'name', model)}' does not fix its input size (spatial size None, or a "
+                "Sequential without keras.Input); pass image_size=(H, W) (and channels= for a Sequential "
+                "without Input). Received: image_size=None")
+    image_size = _check_image_size(image_size)
     channels = channels or _input_channels(model)
     model = _ensure_built(model, image_size, channels)
     return VisModel(model, input_space, image_size, name or model.name)
@@ -178,31 +198,58 @@ def keras_application(name, *, weights="imagenet", image_size=(180, 180), includ
     if name not in names:
         raise UnknownNameError(did_you_mean(name, names, kind="keras.applications model"))
     space = _check_space(input_space or _APPLICATION_SPACES.get(name, "tf"))
-    if weights not in (None, "imagenet"):
+    local = weights not in (None, "imagenet")
+    if local:
         weights = os.fspath(Path(weights).expanduser())
         if not Path(weights).is_file():
             raise MissingFileError(f"Weights file not found: '{weights}'. Pass an existing "
                                    f".weights.h5/.h5 file, 'imagenet' or null. Received: weights='{weights}'")
     if include_top:
         kwargs.setdefault("classifier_activation", None)
+    model = _build_application(name, None if local else weights, include_top, image_size, kwargs)
+    if local:
+        _load_local_weights(model, weights, name, kwargs)
+    return VisModel(model, space, image_size, name)
+
+
+def _first_line(exc):
+    """The gist of a long Keras message: its first line, and the next one if the first ends in ':'."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [type(exc).__name__]
+    gist = " ".join(lines[:2]) if lines[0].endswith(":") and len(lines) > 1 else lines[0]
+    return gist if gist.endswith(".") else gist + "."
+
+
+def _build_application(name, weights, include_top, image_size, kwargs):
     constructor = getattr(keras.applications, name)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a blocked network fails in seconds, not minutes
     try:
-        model = constructor(weights=weights, include_top=include_top,
-                            input_shape=(*image_size, 3), **kwargs)
+        return constructor(weights=weights, include_top=include_top, input_shape=(*image_size, 3), **kwargs)
     except Exception as e:  # Keras raises plain Exception for download failures
-        if "URL fetch failure" in str(e) or "HTTP Error" in str(e) or isinstance(e, OSError):
+        if weights == "imagenet" and ("URL fetch failure" in str(e) or "HTTP Error" in str(e)
+                                      or isinstance(e, OSError)):
             raise _imagenet_cache_hint(e, name) from e
-        if weights not in (None, "imagenet") and ("weight" in str(e).lower() or "shape" in str(e).lower()):
-            raise InvalidValueError(f"The weights file '{weights}' does not fit {name}"
-                                    f"({kwargs or ''}): {e}") from e
-        if "input" in str(e).lower() and "shape" in str(e).lower():
-            raise InvalidValueError(f"{name} cannot be built for image_size={list(image_size)}: {e}") from e
+        if isinstance(e, ValueError):
+            raise InvalidValueError(f"{name}({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}) cannot be "
+                                    f"built with include_top={include_top} for image_size="
+                                    f"{list(image_size)}: {_first_line(e)}") from e
         raise
     finally:
         socket.setdefaulttimeout(previous_timeout)
-    return VisModel(model, space, image_size, name)
+
+
+def _load_local_weights(model, path, name, kwargs):
+    """Loads a local weights file, turning Keras' long mismatch reports into one clear error."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Keras warns once per unmatched layer
+            model.load_weights(path)
+    except Exception as e:
+        raise InvalidValueError(
+            f"The weights file '{path}' cannot be loaded into {name}"
+            f"({', '.join(f'{k}={v!r}' for k, v in kwargs.items())}): {_first_line(e)} It must be written by "
+            "model.save_weights() for the same architecture and settings (alpha, include_top, classes). "
+            f"Received: weights='{path}'") from e
 
 
 def efficientnet_lite0(*, image_size=(180, 180)):
@@ -234,7 +281,7 @@ def saved_model(path, *, input_space="tf", image_size=None):
 
     Raises:
         MissingFileError: the file does not exist or cannot be read as a Keras model.
-        InvalidValueError: no image size given and the model's is not fixed.
+        InvalidValueError: no image size given and the model's is not fixed (see `wrap`).
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -244,12 +291,6 @@ def saved_model(path, *, input_space="tf", image_size=None):
     except Exception as e:
         raise MissingFileError(f"Cannot read '{path}' as a Keras model ({type(e).__name__}: {e}). "
                                "fvis reads files written by model.save('name.keras').") from e
-    if image_size is None:
-        shape = model.inputs[0].shape if getattr(model, "inputs", None) else (None, None, None)
-        if shape[1] is None or shape[2] is None:
-            raise InvalidValueError(f"The model in '{path}' accepts any image size; set "
-                                    "image_size=[H, W]. Received: image_size=None")
-        image_size = shape[1:3]
     return wrap(model, input_space=input_space, image_size=image_size, name=path.stem)
 
 

@@ -90,9 +90,16 @@ class ChunkStore:
 
 
 def tiles(result, *, crop=25, mode="seed"):
-    """Deprocessed uint8 tiles of a `Result`, unit-major: (N*D) tiles."""
+    """Deprocessed uint8 tiles of a `Result`, unit-major: (N*D) tiles.
+
+    A dead unit (zero gradient at every step: its image never left the random
+    start) gets a plain gray tile in its cell rather than contrast-stretched noise.
+    """
     flat = result.images.reshape(-1, *result.images.shape[2:])
-    return [images_lib.deprocess(image, crop=crop, mode=mode) for image in flat]
+    out = [images_lib.deprocess(image, crop=crop, mode=mode) for image in flat]
+    for i in np.flatnonzero(result.dead.reshape(-1)):
+        out[i] = np.full_like(out[i], 128)
+    return out
 
 
 def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):

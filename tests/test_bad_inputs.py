@@ -1,0 +1,154 @@
+"""Odd models and bad input: a clear answer, never a silently wrong picture."""
+
+import json
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+import fvis
+from fvis import images, models, objectives, optim, outputs, render
+from fvis.errors import InvalidValueError, NonFiniteError
+
+
+def test_dead_unit_gets_a_gray_tile_in_its_own_cell_and_a_flag(tmp_path):
+    vis_model = models.tiny_convnet(image_size=(32, 32), seed=3)
+    conv2 = vis_model.model.get_layer("conv2")
+    kernel, bias = conv2.get_weights()
+    kernel[..., 5], bias[5] = 0.0, -1.0  # relu2 channel 5 is 0 everywhere, its gradient too
+    conv2.set_weights([kernel, bias])
+    result = fvis.visualize(vis_model, "relu2", "0:9", steps=4, progress=False)
+    dead = result.dead[:, 0]
+    assert dead[5] and not dead.all()
+    assert np.isfinite(result.images).all() and np.isfinite(result.final).all()
+    summary = outputs.write_run(tmp_path, result, config={}, meta={}, crop=2)
+    assert [f["dead"] for f in summary["filters"]] == dead.tolist()
+    grid = images.load_png(tmp_path / "grid.png")
+    for u in range(9):  # 3 x 3 cells of 28 px, 5 px margins: each cell holds its own unit's tile
+        tile = images.load_png(tmp_path / f"filters/filter_{u:04d}.png")
+        np.testing.assert_array_equal(grid[(u // 3) * 33: (u // 3) * 33 + 28, (u % 3) * 33: (u % 3) * 33 + 28], tile)
+        assert (tile == 128).all() if dead[u] else np.unique(tile).size > 10
+
+
+def test_gradient_normalisation_is_finite_at_zero():
+    update, _ = optim.normalized_ascent(10.0).update(jnp.zeros((4, 4, 3)), optim.normalized_ascent(10.0).init(None))
+    assert np.array_equal(np.asarray(update), np.zeros((4, 4, 3)))
+    assert np.isfinite(images.deprocess(np.zeros((8, 8, 3)), crop=0)).all()
+
+
+def test_non_finite_chunk_names_layer_filter_and_step_and_keeps_finished_chunks(tiny, tmp_path):
+    channel = objectives.channel("conv2")
+    poisoned = objectives.Objective(lambda acts, unit: channel(acts, unit) * jnp.where(unit >= 4, jnp.nan, 1.0),
+                                    layers=["conv2"], checks=channel.checks, name="channel(conv2)")
+    store = outputs.ChunkStore(tmp_path, "f")
+    with pytest.raises(NonFiniteError, match=r"channel\(conv2\), filter 4, first at step 0"):
+        fvis.visualize(tiny, poisoned, "0:8", steps=3, batch_size=2, store=store, progress=False)
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]
+    assert store.load(1, np.array([2, 3], np.int32)) is not None
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "fvis", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_grayscale_non_square_model_keeps_channels_and_axis_order(tmp_path):
+    out = tmp_path / "gray"
+    proc = run_cli("model=tiny", "model.channels=1", "image_size=[40,24]", "filters=0:5", "steps=3",
+                   f"hydra.run.dir={out}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    from PIL import Image
+    tile = Image.open(out / "filters/filter_0000.png")
+    assert tile.mode == "L" and tile.size == (24 - 4, 40 - 4)  # PIL sizes are (width, height)
+    grid = Image.open(out / "grid.png")
+    assert grid.mode == "L" and grid.size == (3 * 20 + 2 * 5, 2 * 36 + 5)
+    with np.load(out / "images.npz") as data:
+        assert data["images"].shape == (5, 1, 40, 24, 1)
+
+
+def test_sequential_without_input_asks_for_image_size():
+    seq = keras.Sequential([keras.layers.Conv2D(4, 3, name="c")])
+    with pytest.raises(InvalidValueError, match=r"pass image_size=\(H, W\)"):
+        models.wrap(seq)
+
+
+def test_model_without_spatial_size_uses_the_configured_size():
+    backbone = keras.applications.MobileNet(alpha=0.25, include_top=False, weights=None)
+    assert backbone.inputs[0].shape[1] is None
+    with pytest.raises(InvalidValueError, match="does not fix its input size"):
+        models.wrap(backbone)
+    vis_model = models.wrap(backbone, image_size=(64, 48))
+    result = fvis.visualize(vis_model, "conv_pw_3_relu", [0, 1], steps=1, progress=False)
+    assert result.images.shape == (2, 1, 64, 48, 3)
+
+
+@pytest.mark.parametrize("layer", ["logits", "gap"])
+def test_neuron_objective_works_on_vector_layers(tiny, layer):
+    result = fvis.visualize(tiny, objectives.neuron(layer), [0, 3], steps=3, progress=False)
+    assert np.isfinite(result.images).all() and result.final.shape == (2, 1)
+
+
+def test_flatten_output_takes_a_neuron_objective():
+    x = keras.Input((8, 8, 2))
+    y = keras.layers.Conv2D(3, 3, name="c")(x)
+    y = keras.layers.Flatten(name="flat")(y)
+    vis_model = models.wrap(keras.Model(x, y))
+    result = fvis.visualize(vis_model, objectives.neuron("flat"), "all", steps=2, progress=False)
+    assert result.units.tolist() == list(range(6 * 6 * 3))
+
+
+def test_filters_all_gives_exactly_every_channel(tiny):
+    assert fvis.prepare(tiny, "conv3", "all").units.tolist() == list(range(32))
+
+
+def test_preprocessing_inside_the_model_receives_its_own_range():
+    x = keras.Input((16, 16, 3))
+    y = keras.layers.Rescaling(1 / 127.5, offset=-1, name="scale")(x)  # expects [0, 255]
+    y = keras.layers.Conv2D(2, 3, name="conv")(y)
+    vis_model = models.wrap(keras.Model(x, y), input_space="raw255")
+    extractor = fvis.prepare(vis_model, "conv", [0]).forward
+    scaled = keras.Model(x, vis_model.model.get_layer("scale").output)
+    sides = np.stack([np.full((16, 16, 3), -1.0), np.full((16, 16, 3), 1.0)]).astype("float32")
+    np.testing.assert_allclose(np.asarray(scaled(vis_model.to_model_input(sides)))[:, 0, 0], [[-1] * 3, [1] * 3],
+                               atol=1e-6)
+    assert extractor.shapes()["conv"] == (14, 14, 2)
+
+
+def test_traces_do_not_grow_with_filters_chunks_or_steps():
+    vis_model = models.tiny_convnet(image_size=(16, 16), width=64)  # conv3: 256 channels
+    traces = []
+    for units, steps in (("0:16", 2), ("all", 2), ("0:16", 40)):
+        before = render.TRACE_COUNT["render"]
+        fvis.visualize(vis_model, "conv3", units, steps=steps, batch_size=16, progress=False)
+        traces.append(render.TRACE_COUNT["render"] - before)
+    assert traces == [1, 1, 1]  # 16 filters, 256 filters in 16 chunks, 40 steps: one trace each
+
+
+@pytest.mark.parametrize("args, message", [
+    (["steps=-1"], "steps must be an integer >= 1. Received: steps=-1"),
+    (["lr=0"], "must be a finite number > 0. Received: lr=0"),
+    (["model=resnet50v2", "model.weights=null", "image_size=[16,16]"], "Input size must be at least 32x32"),
+    (["model=resnet50v2", "model.name=ResNet51"], "Did you mean 'ResNet50'"),
+    (["model=mobilenet"], "Missing mandatory value: model.weights"),
+])
+def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path):
+    proc = run_cli(*(["model=tiny"] if not args[0].startswith("model=") else []), *args,
+                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("fvis: error:")]
+    assert len(errors) == 1 and message in errors[0], proc.stderr
+    assert not (tmp_path / "run" / "chunks").exists()
+
+
+def test_weights_file_for_another_architecture_is_refused(tmp_path, tiny):
+    path = tmp_path / "tiny.weights.h5"
+    tiny.model.save_weights(path)
+    with pytest.raises(InvalidValueError, match="cannot be loaded into MobileNet.*same architecture"):
+        models.keras_application("MobileNet", alpha=0.25, weights=str(path), include_top=True, image_size=(64, 64))
+    garbage = tmp_path / "garbage.h5"
+    garbage.write_bytes(b"\x00not hdf5" * 100)
+    with pytest.raises(InvalidValueError, match="garbage.h5"):
+        models.keras_application("MobileNet", alpha=0.25, weights=str(garbage), include_top=True, image_size=(64, 64))
