@@ -137,7 +137,7 @@ def _run_layers(jobs, out_dir, model, resolved, display):
                                                   display=display)
             overall.update(len(job.units))
             parts.append((layer, done))
-            entries.append(atlas.layer_entry(index, layer, summary, atlas.channels(model.model, layer)))
+            entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
             rows.append(atlas.layer_row(folder, summary))
     title = f"{model.name}: {jobs[0][1].objective.name.split('(')[0]} over {len(jobs)} layers"
     atlas.write_atlas(out_dir, title, entries, rows, margin=display["margin"])

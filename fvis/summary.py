@@ -56,6 +56,13 @@ def _status(run, results, error):
 
 def _counts(results):
     """(filters, dead filters, mean final objective) of a single-layer or whole-model job."""
+    try:
+        return _counts_of(results)
+    except (KeyError, TypeError, ValueError):  # not an fvis results.json
+        return None, None, None
+
+
+def _counts_of(results):
     if results is None:
         return None, None, None
     if "layers" in results:
@@ -86,14 +93,13 @@ def job_row(job, folder):
     filters, dead, mean_final = _counts(results)
     image = next((p for p in ("grid.png", "atlas.png") if (job / p).exists()), None)
     link = "index.html" if (job / "index.html").exists() else image
-    row = {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error),
-           "overrides": _overrides(job), "n_filters": filters, "n_dead": dead, "final_mean": mean_final,
-           **{t: (last.get("timings") or {}).get(t) for t in _TIMINGS},
-           "attempts": len((run or {}).get("attempts", [])),
-           "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
-           "quality": _numeric((results or {}).get("quality"), "quality"), "error": (error or {}).get("message", last.get("error")),
-           "image": image, "link": link}
-    return row
+    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error),
+            "overrides": _overrides(job), "n_filters": filters, "n_dead": dead, "final_mean": mean_final,
+            **{t: (last.get("timings") or {}).get(t) for t in _TIMINGS},
+            "attempts": len((run or {}).get("attempts", [])),
+            "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
+            "quality": _numeric((results or {}).get("quality"), "quality"),
+            "error": (error or {}).get("message", last.get("error")), "image": image, "link": link}
 
 
 def _columns(rows):
@@ -154,6 +160,20 @@ _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse
           "tr.failed{background:#fdd}tr.incomplete,tr.interrupted{background:#ffe8c0}")
 
 
+def _shared(rows, overrides):
+    """Overrides with one value in every job: shown once above the table instead of as columns."""
+    values = {k: {r["overrides"].get(k) for r in rows} for k in overrides}
+    return {k: v.pop() for k, v in values.items() if len(rows) > 1 and len(v) == 1}
+
+
+def _cell(row, column, overrides, quality, where):
+    value = _value(row, column, overrides, quality)
+    text = html.escape(_cell_text(value))
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    shown = f'<a href="{where}">{text}</a>' if column == "job" else text
+    return f'<td data-v="{text}"{" class=n" if numeric else ""}>{shown}</td>'
+
+
 def to_html(rows, title, base=""):
     """The summary as a self-contained HTML page.
 
@@ -163,24 +183,24 @@ def to_html(rows, title, base=""):
         base: the jobs' folder relative to where the page is saved ("" = the same folder).
     """
     columns, overrides, quality = _columns(rows)
+    shared = _shared(rows, overrides)
+    columns = [c for c in columns if c not in shared]
     head = "".join(f"<th>{html.escape(c)}</th>" for c in ["grid", *columns])
     body = []
     for row in rows:
         where = html.escape(f"{base}{row['job']}/")
         thumb = (f'<a href="{where}{html.escape(row["link"])}"><img src="{where}{html.escape(row["image"])}" '
                  f'loading="lazy" alt="grid"></a>' if row["image"] else "")
-        cells = [f'<td data-v="">{thumb}</td>']
-        for c in columns:
-            value = _value(row, c, overrides, quality)
-            text = html.escape(_cell_text(value))
-            numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
-            cells.append(f'<td data-v="{text}"{" class=n" if numeric else ""}>{text}</td>')
-        body.append(f'<tr class="{html.escape(row["status"])}">{"".join(cells)}</tr>')
+        cells = "".join(_cell(row, c, overrides, quality, where) for c in columns)
+        body.append(f'<tr class="{html.escape(row["status"])}"><td data-v="">{thumb}</td>{cells}</tr>')
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    common = " ".join(f"{k}={v}" for k, v in shared.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(rows)} jobs: {html.escape(status)}. Click a column header to sort.</p>"
+            f"<p>{len(rows)} jobs: {html.escape(status)}."
+            + (f" Every job: <code>{html.escape(common)}</code>." if common else "") +
+            " Click a column header to sort.</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) +
             f"\n</tbody></table><script>{_SORT_JS}</script></body></html>\n")
 

@@ -45,6 +45,7 @@ def reference(tmp_path_factory):
     return product(folder)
 
 
+@pytest.mark.slow
 def test_job_killed_between_chunks_resumes_to_identical_files(tmp_path, reference):
     out = tmp_path / "run"
     proc = fvis_process(*TINY, "steps=4", f"hydra.run.dir={out}", env={outputs.ChunkStore.KILL_AFTER_ENV: "2"})
@@ -59,6 +60,7 @@ def test_job_killed_between_chunks_resumes_to_identical_files(tmp_path, referenc
     assert [a["status"] for a in attempts(out)] == ["running", "done"]
 
 
+@pytest.mark.slow
 def test_job_killed_mid_chunk_from_outside_resumes_to_identical_files(tmp_path):
     settings = [*TINY, "steps=1000"]  # ~0.5 s per chunk on a CPU core
     out = tmp_path / "run"

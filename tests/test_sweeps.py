@@ -113,6 +113,7 @@ def test_summary_lists_done_failed_and_killed_jobs_with_their_figures(tmp_path):
     page = (tmp_path / "summary.html").read_text()
     assert '<img src="lr=1/grid.png"' in page and page.count("<tr class=") == len(rows) == 3
     assert "Non-finite images" in page and "<script>" in page
+    assert "Every job: <code>filters=0:2</code>" in page and "<th>filters</th>" not in page  # shared, not a column
 
 
 def test_summary_written_elsewhere_links_back_to_the_jobs(tmp_path):
