@@ -14,17 +14,20 @@ import platform
 import re
 import sys
 import time
+from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.types import RunMode
 from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from tqdm.auto import tqdm
 
 import fvis
-from fvis import optim, outputs
-from fvis.errors import FvisError
+from fvis import atlas, optim, outputs
+from fvis.errors import FvisError, InvalidValueError
 from fvis.models import _check_image_size
 from fvis.visualize import check_positive_int
 
@@ -37,7 +40,8 @@ def run_dir_name(override_dirname):
     The same command always gives the same folder, so running it again resumes.
     Unsafe characters become "_"; long names are cut and suffixed with a hash.
     """
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", override_dirname) or "default"
+    unescaped = re.sub(r"\\(.)", r"\1", override_dirname)  # Hydra writes filters=0\:8 in sweeps
+    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", unescaped) or "default"
     if len(name) > _MAX_DIR:
         name = name[: _MAX_DIR - 13] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
@@ -71,32 +75,85 @@ def _instantiate(node, **kwargs):
 def run(cfg, out_dir):
     """Runs the job a composed config describes and writes its outputs to `out_dir`.
 
+    One layer (`layer`) or, when `layers` is set, a whole-model job with one folder
+    per layer and an atlas. The attempt is recorded in run.json, a failure in
+    error.json (see `fvis.outputs.attempt`).
+
     Returns:
-        The dict written to results.json.
+        (the dict written to results.json, this attempt's record in run.json).
     """
-    start = time.perf_counter()
-    _check_scalars(cfg)
-    model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
-    load_s = time.perf_counter() - start
-    job = fvis.prepare(
-        model, _instantiate(cfg.objective), OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters)
-        else cfg.filters, param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
-        optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
-        images_per_unit=cfg.images_per_unit, seed=cfg.seed)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    store = outputs.ChunkStore(out_dir, outputs.fingerprint(resolved))
-    result = job.run(store=store)
-    meta = {
-        "model": model.name, "objective": job.objective.name, "image_size": list(model.image_size),
-        "units": [int(u) for u in result.units], "batch_size": job.batch_size,
-        "timings": {"load_model_s": load_s, "compile_s": result.compile_s, "optimize_s": result.optimize_s,
-                    "total_s": time.perf_counter() - start},
-        "chunks": {"total": len(job.chunks()), "reused": len(store.reused), "recomputed_bad": store.rejected},
-        "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
-        "versions": _versions(),
-    }
-    return outputs.write_run(out_dir, result, config=resolved, meta=meta, crop=cfg.display.crop,
-                             mode=cfg.display.mode, margin=cfg.display.margin)
+    with outputs.attempt(out_dir) as record:
+        record["versions"] = _versions()
+        start = time.perf_counter()
+        _check_scalars(cfg)
+        model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+        load_s = time.perf_counter() - start
+        jobs = _prepare_jobs(cfg, model)
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        display = dict(resolved["display"])
+        if cfg.get("layers") is None:
+            summary, facts = outputs.run_and_write(jobs[0][1], out_dir, config=resolved,
+                                                   meta=_meta(model, jobs[0][1]), display=display)
+        else:
+            summary, facts = _run_layers(jobs, out_dir, model, resolved, display)
+        record["timings"] = {"load_model_s": load_s, "compile_s": facts["compile_s"],
+                             "optimize_s": facts["optimize_s"], "total_s": time.perf_counter() - start}
+        record["chunks"] = facts["chunks"]
+    return summary, record
+
+
+def _prepare_jobs(cfg, model):
+    """[(layer or None, Job)], every one checked before anything is compiled."""
+    filters = OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters) else cfg.filters
+    settings = dict(param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
+                    optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
+                    images_per_unit=cfg.images_per_unit, seed=cfg.seed)
+    if cfg.get("layers") is None:
+        return [(None, fvis.prepare(model, _instantiate(cfg.objective), filters, **settings))]
+    if "layer" not in cfg.objective:
+        raise InvalidValueError(f"layers=... needs an objective that takes a layer (channel, neuron, "
+                                f"deepdream); objective '{cfg.objective._target_}' does not.")
+    spec = OmegaConf.to_object(cfg.layers) if OmegaConf.is_config(cfg.layers) else cfg.layers
+    layers = atlas.select_layers(model.model, spec)
+    channels = {layer: atlas.channels(model.model, layer) for layer in layers}
+    widest = max(channels.values())
+    return [(layer, fvis.prepare(model, _instantiate(cfg.objective, layer=layer),
+                                 atlas.units_for_layer(filters, channels[layer], widest, layer), **settings))
+            for layer in layers]
+
+
+def _meta(model, job, layer=None):
+    layer = {} if layer is None else {"layer": layer}
+    return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size)}
+
+
+def _run_layers(jobs, out_dir, model, resolved, display):
+    """Runs a whole-model job layer by layer, then writes the atlas and the top results.json."""
+    entries, rows, parts = [], [], []
+    overall = tqdm(total=sum(len(job.units) for _, job in jobs), unit="filter", desc="all layers", disable=None)
+    with overall:
+        for index, (layer, job) in enumerate(jobs):
+            overall.set_postfix_str(layer)
+            folder = Path(out_dir) / atlas.layer_folder(index, layer)
+            summary, done = outputs.run_and_write(job, folder, config=resolved, meta=_meta(model, job, layer),
+                                                  display=display)
+            overall.update(len(job.units))
+            parts.append((layer, done))
+            entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
+            rows.append(atlas.layer_row(folder, summary))
+    title = f"{model.name}: {jobs[0][1].objective.name.split('(')[0]} over {len(jobs)} layers"
+    atlas.write_atlas(out_dir, title, entries, rows, margin=display["margin"])
+    summary = {"config": resolved, "model": model.name, "image_size": list(model.image_size), "layers": entries}
+    outputs.atomic_write_json(Path(out_dir) / "results.json", summary)
+    return summary, _merge_facts(parts)
+
+
+def _merge_facts(parts):
+    """One attempt's facts from each layer's: seconds and chunk counts summed."""
+    chunks = {key: sum(done["chunks"][key] for _, done in parts) for key in ("total", "reused", "computed")}
+    chunks["recomputed_bad"] = [f"{layer}:{i}" for layer, done in parts for i in done["chunks"]["recomputed_bad"]]
+    return {"compile_s": sum(done["compile_s"] for _, done in parts),
+            "optimize_s": sum(done["optimize_s"] for _, done in parts), "chunks": chunks}
 
 
 def _versions():
@@ -107,20 +164,47 @@ def _versions():
             "device_count": jax.device_count()}
 
 
+def _done_line(summary, record, out_dir):
+    t, chunks = record["timings"], record["chunks"]
+    reused = f", {chunks['reused']} of {chunks['total']} chunks reused" if chunks["reused"] else ""
+    if "layers" in summary:
+        what = f"{sum(e['filters'] for e in summary['layers'])} images over {len(summary['layers'])} layers"
+        where = f"{out_dir}/index.html"
+    else:
+        what, where = f"{len(summary['filters'])} images of {summary['objective']}", f"{out_dir}/grid.png"
+    return f"fvis: {what} -> {where} (compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s{reused})"
+
+
+def _user_message(exc):
+    """The one-line message for an error caused by the user's input, else None."""
+    if isinstance(exc, FvisError):
+        return str(exc)
+    if isinstance(exc, OmegaConfBaseException):  # e.g. a mandatory value (???) left unset
+        key = getattr(exc, "full_key", None)
+        hint = f" Set it on the command line, e.g. `fvis ... {key}=VALUE`." if key else ""
+        return f"{str(exc).splitlines()[0]}.{hint}"
+    return None
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")
 def main(cfg):
-    """Hydra entry point; a bad input prints one line and exits with status 2."""
-    out_dir = HydraConfig.get().runtime.output_dir
+    """Hydra entry point.
+
+    A bad input prints one line and exits with status 2. In a multirun, a job that
+    fails is recorded in its folder (error.json) and the sweep goes on; the sweep
+    callback (`fvis.sweep`) reports failed jobs at the end.
+    """
+    hydra_cfg = HydraConfig.get()
+    out_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
     try:
-        summary = run(cfg, out_dir)
-    except FvisError as e:
-        print(f"fvis: error: {e}", file=sys.stderr)
+        summary, record = run(cfg, out_dir)
+    except Exception as e:
+        message = _user_message(e)
+        if message is None and not in_sweep:
+            raise  # a bug, not a bad input: keep the traceback
+        where = f" (job {out_dir}, details in its error.json)" if in_sweep else ""
+        print(f"fvis: error: {message or f'{type(e).__name__}: {e}'}{where}", file=sys.stderr)
+        if in_sweep:
+            return None
         sys.exit(2)
-    except OmegaConfBaseException as e:  # e.g. a mandatory value (???) left unset
-        key = getattr(e, "full_key", None)
-        hint = f" Set it on the command line, e.g. `fvis ... {key}=VALUE`." if key else ""
-        print(f"fvis: error: {str(e).splitlines()[0]}.{hint}", file=sys.stderr)
-        sys.exit(2)
-    t = summary["timings"]
-    print(f"fvis: {len(summary['filters'])} images of {summary['objective']} -> {out_dir}/grid.png "
-          f"(compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s)")
+    print(_done_line(summary, record, out_dir))

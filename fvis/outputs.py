@@ -4,14 +4,26 @@ Layout of a run folder:
     grid.png               all tiles, the reference layout
     filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
     images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
-    results.json           resolved config, per-filter curves and final values, timings
+    results.json           resolved config, per-filter curves and final values
     chunks/chunk_00000.npz finished chunks, so a killed job resumes where it stopped
+    run.json               each attempt at the job: status, times, timings, host, versions
+    error.json             why the last attempt failed (removed when one succeeds)
+
+Every file but run.json depends only on the config (and the platform): running a
+job again, or resuming it after a kill, rewrites them byte for byte, except the
+`timings` entry of results.json (the seconds the finishing attempt took; run.json
+keeps every attempt's).
 """
 
+import contextlib
+import datetime
 import hashlib
 import io
 import json
 import os
+import platform
+import signal
+import traceback
 import zipfile
 from pathlib import Path
 
@@ -49,6 +61,14 @@ def npz_bytes(**arrays):
     return buffer.getvalue()
 
 
+def read_json(path):
+    """The JSON object in `path`, or None if it is absent or unreadable."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def fingerprint(config):
     """A short hash of a JSON-able config: chunks of another config are never reused."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -62,9 +82,12 @@ class ChunkStore:
     else (a partial file left by a kill, another config) is recomputed.
     """
 
+    # Test hook: SIGKILL this process right after it has saved this many chunks.
+    KILL_AFTER_ENV = "FVIS_TEST_KILL_AFTER_CHUNKS"
+
     def __init__(self, folder, config_fingerprint):
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
-        self.reused, self.rejected = [], []
+        self.reused, self.rejected, self.saved = [], [], []
 
     def _path(self, index):
         return self.folder / f"chunk_{index:05d}.npz"
@@ -87,6 +110,18 @@ class ChunkStore:
     def save(self, index, units, rendered):
         atomic_write_bytes(self._path(index), npz_bytes(
             fingerprint=np.array(self.fingerprint), units=units, **rendered._asdict()))
+        self.saved.append(index)
+        if len(self.saved) == int(os.environ.get(self.KILL_AFTER_ENV, 0)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def stats(self):
+        """JSON-able counts of this store's work: reused, saved and rejected chunk indices."""
+        return {"reused": len(self.reused), "computed": len(self.saved), "recomputed_bad": self.rejected}
+
+    def remove_temporaries(self):
+        """Deletes temporary files a killed writer left in the chunks folder."""
+        for tmp in self.folder.glob(".*.tmp"):
+            tmp.unlink(missing_ok=True)
 
 
 def tiles(result, *, crop=25, mode="seed"):
@@ -109,7 +144,7 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
         folder: the run's output folder.
         result: an `fvis.Result`.
         config: the resolved config (JSON-able dict), recorded in results.json.
-        meta: extra JSON-able facts (model, layer, timings, versions).
+        meta: extra JSON-able facts (model, layer, units, this attempt's timings).
         crop, mode, margin: display settings (see `fvis.images`).
 
     Returns:
@@ -135,3 +170,76 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
     summary = {"config": config, **meta, "filters": records}
     atomic_write_json(folder / "results.json", summary)
     return summary
+
+
+def run_and_write(job, folder, *, config, meta, display, progress="auto"):
+    """Runs a prepared `fvis.visualize.Job` resumably in `folder` and writes its outputs.
+
+    Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there
+    from the same computation (the config less its display settings, `meta` and
+    the resolved batch size) are reused, anything else is recomputed.
+
+    Args:
+        job: from `fvis.prepare`.
+        folder: the output folder.
+        config: the resolved config (JSON-able dict) with a "display" entry or not.
+        meta: JSON-able facts that identify the job (model, objective, layer, ...).
+        display: dict of `write_run`'s crop, mode and margin.
+        progress: passed to `job.run`.
+
+    Returns:
+        (the results.json dict, this attempt's facts: timings and chunk counts).
+    """
+    key = {"config": {k: v for k, v in config.items() if k != "display"}, "meta": meta,
+           "batch_size": job.batch_size}
+    store = ChunkStore(folder, fingerprint(key))
+    result = job.run(store=store, progress=progress)
+    meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
+            "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
+            "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
+    summary = write_run(folder, result, config=config, meta=meta, **display)
+    store.remove_temporaries()
+    facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
+             "chunks": {"total": len(job.chunks()), **store.stats()}}
+    return summary, facts
+
+
+def _now():
+    return datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def _write_attempts(folder, attempts):
+    atomic_write_json(Path(folder) / "run.json", {"status": attempts[-1]["status"], "attempts": attempts})
+
+
+@contextlib.contextmanager
+def attempt(folder):
+    """Records one attempt at a job in `folder/run.json`, and a failure in `error.json`.
+
+    run.json says "running" from the start, then "done", "failed" or "interrupted"
+    (Ctrl-C); a job killed outright stays "running" (the summary shows it as
+    incomplete). Earlier attempts (a resumed job's) are kept in order.
+
+    Yields:
+        The attempt's dict; fill it with JSON-able facts (timings, chunk counts).
+    """
+    folder = Path(folder)
+    attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
+    record = {"status": "running", "started": _now(), "host": platform.node(), "pid": os.getpid()}
+    attempts.append(record)
+    _write_attempts(folder, attempts)
+    try:
+        yield record
+    except BaseException as e:
+        failed = isinstance(e, Exception)
+        record.update(status="failed" if failed else "interrupted", finished=_now(),
+                      error=f"{type(e).__name__}: {e}")
+        if failed:
+            atomic_write_json(folder / "error.json", {
+                "type": type(e).__name__, "message": str(e), "time": record["finished"],
+                "traceback": traceback.format_exc()})
+        _write_attempts(folder, attempts)
+        raise
+    record.update(status="done", finished=_now())
+    (folder / "error.json").unlink(missing_ok=True)
+    _write_attempts(folder, attempts)

@@ -106,15 +106,17 @@ class Job:
         Args:
             store: optional object with `load(index, units) -> Rendered | None` and
                 `save(index, units, rendered)`; finished chunks are saved as they end.
-            progress: True, False, or "auto" (a bar when stderr is a terminal).
+            progress: True, False, or "auto" (a bar when stderr is a terminal): filters
+                done, filters/s, time left, and optimisation steps per second. A bar
+                opened inside another one (a whole-model job's) is removed when done.
 
         Raises:
             NonFiniteError: a chunk produced NaN or Inf; earlier chunks stay saved.
         """
         weights = self.forward.weights()
-        compiled, compile_s, optimize_s, parts = None, 0.0, 0.0, []
+        compiled, compile_s, optimize_s, parts, computed = None, 0.0, 0.0, [], 0
         bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
-                   desc=self.objective.name)
+                   desc=self.objective.name, leave=None)
         with bar:
             for index, chunk_units in self.chunks():
                 rendered = store.load(index, chunk_units) if store is not None else None
@@ -125,6 +127,8 @@ class Job:
                     out = compiled(weights, *self._args(chunk_units))
                     rendered = Rendered(*(np.asarray(a)[: len(chunk_units)] for a in out))
                     optimize_s += time.perf_counter() - start
+                    computed += 1
+                    bar.set_postfix_str(f"{computed * self.steps / max(optimize_s, 1e-9):.1f} steps/s", refresh=False)
                     self._check_finite(rendered, chunk_units)
                     if store is not None:
                         store.save(index, chunk_units, rendered)

@@ -79,7 +79,8 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     assert results["config"]["steps"] == 5 and results["config"]["layer"] == "conv2"
     assert [f["unit"] for f in results["filters"]] == list(range(6))
     assert all(len(f["loss_curve"]) == 5 and np.isfinite(f["final"]) for f in results["filters"])
-    assert results["timings"]["compile_s"] > 0 and results["timings"]["optimize_s"] > 0
+    attempt = json.loads((out / "run.json").read_text())["attempts"][-1]
+    assert attempt["status"] == "done" and attempt["timings"]["compile_s"] > 0 and attempt["timings"]["optimize_s"] > 0
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}
     assert written == {"run"}  # nothing outside the run folder
 

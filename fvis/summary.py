@@ -1,0 +1,244 @@
+"""One table of every job under a folder: summary.csv and a sortable summary.html.
+
+    python -m fvis.summary multirun/lr=5,10     # or: fvis-summary outputs/
+
+A job is a folder holding run.json, results.json, error.json or Hydra's
+.hydra/overrides.yaml; finished, failed and incomplete (killed) jobs are all
+listed. Columns: the job's command-line overrides, its status, filter counts and
+mean final objective, the timings of its last attempt, every numeric entry of
+results.json's "quality", and (HTML only) a thumbnail of its grid. The page is
+self-contained: open it from disk and click a column header to sort.
+"""
+
+import argparse
+import csv
+import html
+import io
+import math
+import os
+import re
+import sys
+from pathlib import Path
+
+import yaml
+
+from fvis.outputs import atomic_write_bytes, read_json
+
+_MARKERS = ("run.json", "results.json", "error.json", ".hydra/overrides.yaml")
+_TIMINGS = ("load_model_s", "compile_s", "optimize_s", "total_s")
+
+
+def find_jobs(folder):
+    """Job folders under `folder` (itself included), sorted; a job's own subfolders are not searched."""
+    jobs = []
+    for root, dirs, _ in os.walk(folder):
+        if any((Path(root) / marker).exists() for marker in _MARKERS):
+            jobs.append(Path(root))
+            dirs.clear()
+        else:
+            dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+    return sorted(jobs)
+
+
+def _overrides(job):
+    try:
+        lines = yaml.safe_load((job / ".hydra" / "overrides.yaml").read_text()) or []
+    except (OSError, yaml.YAMLError):
+        return {}
+    pairs = (line.split("=", 1) if "=" in line else (line, "") for line in map(str, lines))
+    return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}  # Hydra escapes : , = in sweeps
+
+
+def _status(run, results, error):
+    status = (run or {}).get("status") or ("done" if results else "failed" if error else "incomplete")
+    return "incomplete" if status == "running" else status
+
+
+def _counts(results):
+    """(filters, dead filters, mean final objective) of a single-layer or whole-model job."""
+    try:
+        return _counts_of(results)
+    except (KeyError, TypeError, ValueError):  # not an fvis results.json
+        return None, None, None
+
+
+def _counts_of(results):
+    if results is None:
+        return None, None, None
+    if "layers" in results:
+        layers = results["layers"]
+        total = sum(e["filters"] for e in layers)
+        mean = sum(e["mean_final"] * e["filters"] for e in layers) / total if total else None
+        return total, sum(e["dead"] for e in layers), mean
+    finals = [f["final"] for f in results["filters"]]
+    return len(finals), len(results.get("dead_filters", [])), sum(finals) / len(finals) if finals else None
+
+
+def _numeric(entries, prefix):
+    """Numeric entries of a dict, nested dicts flattened as "prefix.key.subkey"."""
+    flat = {}
+    for key, value in (entries or {}).items():
+        name = f"{prefix}.{key}"
+        if isinstance(value, dict):
+            flat.update(_numeric(value, name))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+def job_row(job, folder):
+    """One job's row: a dict of column -> value (str, number or None)."""
+    run, results, error = (read_json(job / name) for name in ("run.json", "results.json", "error.json"))
+    last = ((run or {}).get("attempts") or [{}])[-1]
+    filters, dead, mean_final = _counts(results)
+    image = next((p for p in ("grid.png", "atlas.png") if (job / p).exists()), None)
+    link = "index.html" if (job / "index.html").exists() else image
+    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error),
+            "overrides": _overrides(job), "n_filters": filters, "n_dead": dead, "final_mean": mean_final,
+            **{t: (last.get("timings") or {}).get(t) for t in _TIMINGS},
+            "attempts": len((run or {}).get("attempts", [])),
+            "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
+            "quality": _numeric((results or {}).get("quality"), "quality"),
+            "error": (error or {}).get("message", last.get("error")), "image": image, "link": link}
+
+
+def _columns(rows):
+    overrides = sorted({k for r in rows for k in r["overrides"]})
+    quality = sorted({k for r in rows for k in r["quality"]})
+    columns = ["job", "status", *overrides, "n_filters", "n_dead", "final_mean", *_TIMINGS, "attempts",
+               "chunks_done", *quality, "error"]
+    return columns, set(overrides), set(quality)
+
+
+def _value(row, column, overrides, quality):
+    if column in overrides:
+        return row["overrides"].get(column)
+    if column in quality:
+        return row["quality"].get(column)
+    return row[column]
+
+
+def to_csv(rows):
+    """The summary as CSV text: one line per job, a column per override, timing and quality figure."""
+    columns, overrides, quality = _columns(rows)
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(columns + ["image"])
+    for row in rows:
+        writer.writerow([_cell_text(_value(row, c, overrides, quality)) for c in columns] + [row["image"] or ""])
+    return buffer.getvalue()
+
+
+def _cell_text(value):
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return "" if math.isnan(value) else f"{value:.6g}"
+    return str(value)
+
+
+_SORT_JS = """
+document.querySelectorAll('th').forEach((th, i) => th.addEventListener('click', () => {
+  const body = th.closest('table').tBodies[0];
+  const up = th.dataset.dir !== 'up'; th.dataset.dir = up ? 'up' : 'down';
+  const key = r => r.cells[i].dataset.v;
+  const cmp = (a, b) => {
+    const x = key(a), y = key(b);
+    if (x === '' || y === '') return (x === '') - (y === '');
+    const nx = Number(x), ny = Number(y);
+    const c = isNaN(nx) || isNaN(ny) ? x.localeCompare(y, undefined, {numeric: true}) : nx - ny;
+    return up ? c : -c;
+  };
+  [...body.rows].sort(cmp).forEach(r => body.appendChild(r));
+}));
+"""
+
+_STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse}"
+          "th,td{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
+          "th{background:#eee;cursor:pointer;position:sticky;top:0}td.n{text-align:right}"
+          "img{max-width:160px;max-height:160px;image-rendering:pixelated}"
+          "tr.failed{background:#fdd}tr.incomplete,tr.interrupted{background:#ffe8c0}")
+
+
+def _shared(rows, overrides):
+    """Overrides with one value in every job: shown once above the table instead of as columns."""
+    values = {k: {r["overrides"].get(k) for r in rows} for k in overrides}
+    return {k: v.pop() for k, v in values.items() if len(rows) > 1 and len(v) == 1}
+
+
+def _cell(row, column, overrides, quality, where):
+    value = _value(row, column, overrides, quality)
+    text = html.escape(_cell_text(value))
+    numeric = isinstance(value, (int, float)) and not isinstance(value, bool)
+    shown = f'<a href="{where}">{text}</a>' if column == "job" else text
+    return f'<td data-v="{text}"{" class=n" if numeric else ""}>{shown}</td>'
+
+
+def to_html(rows, title, base=""):
+    """The summary as a self-contained HTML page.
+
+    Args:
+        rows: from `job_row`.
+        title: the page's title.
+        base: the jobs' folder relative to where the page is saved ("" = the same folder).
+    """
+    columns, overrides, quality = _columns(rows)
+    shared = _shared(rows, overrides)
+    columns = [c for c in columns if c not in shared]
+    head = "".join(f"<th>{html.escape(c)}</th>" for c in ["grid", *columns])
+    body = []
+    for row in rows:
+        where = html.escape(f"{base}{row['job']}/")
+        thumb = (f'<a href="{where}{html.escape(row["link"])}"><img src="{where}{html.escape(row["image"])}" '
+                 f'loading="lazy" alt="grid"></a>' if row["image"] else "")
+        cells = "".join(_cell(row, c, overrides, quality, where) for c in columns)
+        body.append(f'<tr class="{html.escape(row["status"])}"><td data-v="">{thumb}</td>{cells}</tr>')
+    counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
+    status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    common = " ".join(f"{k}={v}" for k, v in shared.items())
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
+            f"<p>{len(rows)} jobs: {html.escape(status)}."
+            + (f" Every job: <code>{html.escape(common)}</code>." if common else "") +
+            " Click a column header to sort.</p>"
+            f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) +
+            f"\n</tbody></table><script>{_SORT_JS}</script></body></html>\n")
+
+
+def write_summary(folder, out=None):
+    """Writes summary.csv and summary.html for every job under `folder`.
+
+    Args:
+        folder: a sweep folder, `outputs/`, or any folder holding job folders.
+        out: where to write the two files; default `folder`.
+
+    Returns:
+        The rows (one dict per job, see `job_row`).
+    """
+    folder = Path(folder)
+    out = Path(out) if out is not None else folder
+    rows = [job_row(job, folder) for job in find_jobs(folder)]
+    atomic_write_bytes(out / "summary.csv", to_csv(rows).encode())
+    base = Path(os.path.relpath(folder, out)).as_posix() + "/"
+    page = to_html(rows, f"fvis: {folder.resolve().name}", "" if base == "./" else base)
+    atomic_write_bytes(out / "summary.html", page.encode())
+    return rows
+
+
+def main(argv=None):
+    """`fvis-summary FOLDER [--out DIR]`: writes summary.csv and summary.html."""
+    parser = argparse.ArgumentParser(prog="fvis-summary", description=__doc__.splitlines()[0])
+    parser.add_argument("folder", help="a sweep folder, outputs/, or any folder of fvis runs")
+    parser.add_argument("--out", help="where to write summary.csv and summary.html (default: FOLDER)")
+    args = parser.parse_args(argv)
+    if not Path(args.folder).is_dir():
+        print(f"fvis-summary: error: no folder '{args.folder}'. Give a sweep folder such as "
+              f"multirun/<sweep> or outputs/.", file=sys.stderr)
+        return 2
+    rows = write_summary(args.folder, args.out)
+    print(f"fvis-summary: {len(rows)} jobs -> {Path(args.out or args.folder) / 'summary.html'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
