@@ -100,3 +100,15 @@ def test_multirun_writes_one_folder_per_job(tmp_path):
     assert len(folders) == 2
     steps = sorted(json.loads((f / "results.json").read_text())["config"]["steps"] for f in folders)
     assert steps == [2, 3]
+
+
+def test_every_config_group_is_packaged():
+    """A non-editable install only ships the config folders pyproject.toml lists."""
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    setuptools = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]
+    groups = {f"fvis.conf.{p.name}" for p in (root / "conf").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    assert groups <= set(setuptools["packages"])
+    assert all(setuptools["package-data"].get(g) == ["*.yaml"] for g in groups)
