@@ -22,12 +22,13 @@ from fvis.errors import InvalidValueError
 
 UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
-# Defaults per backend, chosen from experiments/results (see its summary):
-# units per compiled chunk (at most), and the loop form.
+# Defaults per backend, chosen from experiments/results (see its README): units per
+# compiled chunk (at most), the loop form, and max pooling as slices (fvis.pooling).
+# GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 4, "loop": "scan"},
-    "gpu": {"batch_size": 128, "loop": "scan"},
-    "tpu": {"batch_size": 128, "loop": "scan"},
+    "cpu": {"batch_size": 4, "loop": "host", "pool_as_slices": True},
+    "gpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
+    "tpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
 }
 
 
@@ -42,7 +43,7 @@ def shardings(mesh):
 
 
 def auto_setting(name, platform=None):
-    """The default of `name` ("batch_size" or "loop") on `platform` (default: JAX's backend)."""
+    """The default of `name` (a key of `AUTO`'s rows) on `platform` (default: JAX's backend)."""
     platform = platform or jax.default_backend()
     return AUTO.get(platform, AUTO["gpu"])[name]
 
