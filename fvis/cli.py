@@ -23,8 +23,10 @@ from omegaconf import OmegaConf
 
 import fvis
 from fvis import optim, outputs
+from fvis.chunks import check_loop
 from fvis.errors import FvisError
 from fvis.models import _check_image_size
+from fvis.render import check_precision
 from fvis.visualize import check_positive_int
 
 _MAX_DIR = 120
@@ -56,6 +58,13 @@ def _check_scalars(cfg):
     _check_image_size(cfg.image_size)
 
 
+def _performance(cfg):
+    """The speed settings of `fvis.prepare` (issue 3), checked: loop form, precision, compilation cache."""
+    if cfg.loop != "auto":
+        check_loop(cfg.loop)
+    return {"loop": cfg.loop, "precision": check_precision(cfg.precision), "compilation_cache": cfg.compilation_cache}
+
+
 def _instantiate(node, **kwargs):
     try:
         return instantiate(node, **kwargs)
@@ -74,19 +83,20 @@ def run(cfg, out_dir):
     """
     start = time.perf_counter()
     _check_scalars(cfg)
+    performance = _performance(cfg)
     model = _instantiate(cfg.model, image_size=tuple(cfg.image_size))
     load_s = time.perf_counter() - start
     job = fvis.prepare(
         model, _instantiate(cfg.objective), OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters)
         else cfg.filters, param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
         optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
-        images_per_unit=cfg.images_per_unit, seed=cfg.seed)
+        images_per_unit=cfg.images_per_unit, seed=cfg.seed, **performance)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = outputs.ChunkStore(out_dir, outputs.fingerprint(resolved))
     result = job.run(store=store)
     meta = {
         "model": model.name, "objective": job.objective.name, "image_size": list(model.image_size),
-        "units": [int(u) for u in result.units], "batch_size": job.batch_size,
+        "units": [int(u) for u in result.units], "batch_size": job.batch_size, "loop": job.loop,
         "timings": {"load_model_s": load_s, "compile_s": result.compile_s, "optimize_s": result.optimize_s,
                     "total_s": time.perf_counter() - start},
         "chunks": {"total": len(job.chunks()), "reused": len(store.reused), "recomputed_bad": store.rejected},

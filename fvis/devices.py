@@ -26,7 +26,7 @@ UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 # compiled chunk (at most), the loop form, and max pooling as slices (fvis.pooling).
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 4, "loop": "host", "pool_as_slices": True},
+    "cpu": {"batch_size": 1, "loop": "host", "pool_as_slices": True},
     "gpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
     "tpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
 }

@@ -25,7 +25,7 @@ def test_host_loop_equals_scan_loop(tiny):
 
 @pytest.mark.parametrize("loop", chunks.LOOPS)
 def test_no_device_to_host_transfer_inside_a_chunk(tiny, loop):
-    job = fvis.prepare(tiny, "conv2", "0:2", steps=3, loop=loop)
+    job = fvis.prepare(tiny, "conv2", "0:2", steps=3, loop=loop, batch_size=2)
     weights, units = job.placed_weights(), job._placed(job.units)
     chunk, _ = job.compile(weights)
     with jax.transfer_guard_device_to_host("disallow"):
@@ -61,7 +61,7 @@ def test_bad_loop_and_precision_are_refused_before_compiling(tiny):
 def test_auto_settings_follow_the_backend_table():
     assert devices.auto_batch_size(64, 1, "cpu") == devices.AUTO["cpu"]["batch_size"]
     assert devices.auto_batch_size(64, 1, "gpu") == 64
-    assert devices.auto_batch_size(3, 1, "cpu") == 3  # never more units than requested
+    assert devices.auto_batch_size(3, 1, "gpu") == 3  # never more units than requested
     assert devices.auto_batch_size(5, 4, "gpu") == 8  # a multiple of the device count
     assert devices.auto_setting("loop", "cpu") in chunks.LOOPS
 
@@ -100,7 +100,7 @@ def test_compilation_cache_false_leaves_jax_alone(tiny):
 
 def test_steady_state_step_is_the_render_step(tiny):
     """The step the benchmark times is the one the loop runs: same values as a 1-step job."""
-    job = fvis.prepare(tiny, "conv2", "0:2", steps=1, loop="scan")
+    job = fvis.prepare(tiny, "conv2", "0:2", steps=1, loop="scan", batch_size=2)
     units = job._placed(job.units)
     keys = render.image_keys(jax.random.key(job.seed), units, 1)
     state, (values, norms) = jax.jit(job.renderer.step)(job.forward.weights(), job.renderer.init(units, keys),

@@ -1,4 +1,4 @@
-"""Units sharded over several devices give the single-device images (4 simulated CPU devices)."""
+"""Units sharded over several devices, or hosts, give the single-device images (simulated CPU devices)."""
 
 import json
 import os
@@ -43,3 +43,42 @@ def test_units_sharded_over_four_devices_equal_the_single_device_run():
         assert r["image_devices"] == 4 and r["shard_rows"] == [1]  # one unit per device
         assert r["weights_replicated"]
         np.testing.assert_array_less([r["max_diff"], r["final_diff"]], [1e-5, 1e-5])
+
+
+MULTI_HOST = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address="127.0.0.1:" + sys.argv[2], num_processes=2,
+                               process_id=int(sys.argv[1]))
+    import fvis
+    model = fvis.models.tiny_convnet(image_size=(24, 24), width=8)
+    result = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, compilation_cache=False, progress=False)
+    print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
+                      "images": result.images.tolist(), "final": result.final.tolist()}))
+""")
+
+
+def _free_port():
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
+    import fvis
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    port, logs = str(_free_port()), [tmp_path / f"process_{i}.txt" for i in range(2)]
+    procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(i), port], env=env, stdout=open(logs[i], "w"),
+                              stderr=subprocess.STDOUT) for i in range(2)]  # files: a full pipe would deadlock
+    for p in procs:
+        p.wait(timeout=300)
+    assert all(p.returncode == 0 for p in procs), logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
+    runs = [json.loads(log.read_text().strip().splitlines()[-1]) for log in logs]
+    model = fvis.models.tiny_convnet(image_size=(24, 24), width=8)
+    alone = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, compilation_cache=False, progress=False)
+    for run in runs:  # every host holds the whole result, equal to one process on one device
+        assert run["devices"] == 4 and run["local"] == 2
+        np.testing.assert_allclose(run["images"], alone.images, atol=1e-5)
+        np.testing.assert_allclose(run["final"], alone.final, rtol=1e-4, atol=1e-5)
