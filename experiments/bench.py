@@ -9,7 +9,7 @@ One measurement per process (so peak memory and start-up are its own):
 JAX, one filter at a time), `tf_seed` (baseline b: the seed's TensorFlow code,
 when TensorFlow is installed: `pip install -e ".[bench-tf]"`), `matmul_peak`
 (the device's measured peak), `batch_study` (chunk cost against batch size
-and loop form). A `suite` runs a list of measurements, each as a subprocess of
+and loop form), `profile` (op time by category from a `jax.profiler` trace). A `suite` runs a list of measurements, each as a subprocess of
 this script, and writes their JSON and a table to `results_dir`.
 """
 
@@ -68,9 +68,15 @@ def measure(cfg):
     elif cfg.method == "batch_study":
         s = cfg.batch_study
         result = m.measure_batch_study(job, sizes=list(s.sizes), loops=list(s.loops), steps=s.steps, rounds=s.rounds)
+    elif cfg.method == "profile":
+        import bench_profile
+        p = cfg.profile
+        result = {"variants": bench_profile.measure_profile(
+            m.build_model(job), job, batch_size=p.batch_size, loops=list(p.loops),
+            pool_as_slices=list(p.pool_as_slices))}
     else:
-        raise ValueError(f"Unknown method '{cfg.method}'. Use fvis, jax_loop, tf_seed, matmul_peak or "
-                         f"batch_study. Received: method={cfg.method}")
+        raise ValueError(f"Unknown method '{cfg.method}'. Use fvis, jax_loop, tf_seed, matmul_peak, "
+                         f"batch_study or profile. Received: method={cfg.method}")
     return {"method": cfg.method, "job": OmegaConf.to_container(job), **result, **m.environment()}
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from fvis import images, models, outputs, render
+from fvis import devices, images, models, outputs, render
 
 
 def environment():
@@ -89,6 +89,7 @@ def steady_step(job, weights, repeats):
 def measure_fvis(job_cfg, *, batch_size, loop, precision, compilation_cache, steady_repeats, save_images=None):
     """The fvis job end to end (model build, compile, all chunks, tiles), then its steady-state step."""
     start, cpu0 = time.perf_counter(), time.process_time()
+    devices.use_compilation_cache(compilation_cache)  # before the model, as the fvis command does
     model = build_model(job_cfg)
     built = time.perf_counter()
     job = fvis.prepare(model, job_cfg.layer, f"0:{job_cfg.filters}", steps=job_cfg.steps, batch_size=batch_size,

@@ -54,19 +54,24 @@ def image_change(work, name_a, name_b):
     final = np.abs(a["final"] - b["final"]) / np.maximum(np.abs(b["final"]), 1e-6)
     return {"compared": [name_a, name_b], "max_abs_pixel": float(diff.max()), "mean_abs_pixel": float(diff.mean()),
             "pixel_scale_std": float(b["images"].std()), "median_rel_final": float(np.median(final)),
-            "max_rel_final": float(final.max())}
+            "max_rel_final": float(final.max()), "final_mean": [float(a["final"].mean()), float(b["final"].mean())]}
+
+
+def _per_image(r, key):
+    return r[key] / r["step_images"] if r.get(key) else float("nan")
 
 
 def ratios(records):
-    """Baseline process / fvis process (end to end) and baseline job / fvis job, per job and cache state."""
+    """Baseline / fvis: process wall (end to end), job wall, job CPU seconds, steady image-steps/s."""
     out = []
     for base in (r for r in records if r.get("method") in ("jax_loop", "tf_seed") and r.get("job_s")):
         for ours in (r for r in records if r.get("method") == "fvis" and r.get("job") == base.get("job")
                      and r.get("precision") == "float32"):
             out.append({"baseline": base["name"], "fvis": ours["name"], "cache": ours["cache"],
                         "end_to_end_x": base["process_s"] / ours["process_s"], "job_x": base["job_s"] / ours["job_s"],
-                        "steady_x": (ours.get("steady_image_steps_per_s", 0) / base["steady_image_steps_per_s"]
-                                     if base.get("steady_image_steps_per_s") else None)})
+                        "job_cpu_x": base["job_cpu_s"] / ours["job_cpu_s"],
+                        "steady_x": _per_image(base, "step_s") / _per_image(ours, "step_s"),
+                        "steady_best_x": _per_image(base, "step_s_min") / _per_image(ours, "step_s_min")})
     return out
 
 
@@ -94,7 +99,7 @@ def _fmt(v, scale=1.0, digits=2):
 
 def table(records):
     """A markdown table, one row per measurement."""
-    head = ("| run | method | B | loop | prec. | cache | process s | compile s | job s | s/step | "
+    head = ("| run | method | B | loop | prec. | cache | process s | compile s | job s | job CPU s | s/step | "
             "image-steps/s | GFLOP/s | % peak | RSS GB | load |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
@@ -102,16 +107,19 @@ def table(records):
             r["name"], r.get("method", ""), str(r.get("batch_size", r.get("step_images", ""))), r.get("loop", ""),
             r.get("precision", ""), r.get("cache", ""), _fmt(r.get("process_s"), digits=1),
             _fmt(r.get("compile_s", r.get("first_step_s")), digits=1), _fmt(r.get("job_s"), digits=1),
+            _fmt(r.get("job_cpu_s"), digits=1),
             _fmt(r.get("step_s"), digits=3), _fmt(r.get("steady_image_steps_per_s")),
-            _fmt(r.get("steady_flops_per_s"), 1e-9, 1), _fmt(r.get("steady_fraction_of_peak"), 100, 1),
+            _fmt(r.get("steady_flops_per_s", r.get("float32", {}).get("best_flops_per_s")), 1e-9, 1),
+            _fmt(r.get("steady_fraction_of_peak"), 100, 1),
             _fmt(r.get("host_rss_peak_bytes"), 1e-9), _fmt(r.get("loadavg_1min_before"), digits=1)]) + " |")
     return "\n".join(rows)
 
 
 def ratio_table(summary):
     """A markdown table of the speed-ups over the baselines."""
-    rows = ["| baseline | fvis run | fvis cache | end to end x | job x | steady x |", "|---|---|---|---|---|---|"]
+    rows = ["| baseline | fvis run | fvis cache | end to end x | job x | job CPU x | steady x (median) | steady x (best) |",
+            "|---|---|---|---|---|---|---|---|"]
     for q in summary["ratios"]:
         rows.append(f"| {q['baseline']} | {q['fvis']} | {q['cache']} | {q['end_to_end_x']:.2f} | {q['job_x']:.2f} "
-                    f"| {_fmt(q['steady_x'])} |")
+                    f"| {q['job_cpu_x']:.2f} | {q['steady_x']:.2f} | {q['steady_best_x']:.2f} |")
     return "\n".join(rows)

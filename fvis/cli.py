@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import fvis
-from fvis import optim, outputs
+from fvis import devices, optim, outputs
 from fvis.chunks import check_loop
 from fvis.errors import FvisError
 from fvis.models import _check_image_size
@@ -84,6 +84,7 @@ def run(cfg, out_dir):
     start = time.perf_counter()
     _check_scalars(cfg)
     performance = _performance(cfg)
+    devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
     model = _instantiate(cfg.model, image_size=tuple(cfg.image_size))
     load_s = time.perf_counter() - start
     job = fvis.prepare(

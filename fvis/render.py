@@ -55,8 +55,8 @@ def check_precision(precision):
 @contextlib.contextmanager
 def _layer_policy(model, policy):
     """Sets every layer's Keras dtype policy to `policy` inside the block (at trace time)."""
-    layers = [l for l in model._flatten_layers(include_self=False) if policy is not None]
-    saved = [l.dtype_policy for l in layers]
+    layers = list(model._flatten_layers(include_self=False)) if policy is not None else []
+    saved = [layer.dtype_policy for layer in layers]
     try:
         for layer in layers:
             layer.dtype_policy = policy

@@ -14,7 +14,6 @@ loses at most the chunk in flight.
 import dataclasses
 import time
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -76,8 +75,8 @@ class Job:
     seed: int
     renderer: object
     image_shape: tuple
-    loop: str = "scan"
-    mesh: object = None
+    loop: str
+    mesh: object
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
