@@ -1,7 +1,7 @@
 """The fvis benchmark: speed against the reference's own code, measured in one run.
 
     python experiments/bench.py suite=full        # everything -> experiments/results/ (see its README)
-    python experiments/bench.py suite=quick       # a small smoke run of every method, ~3 min on 2 cores
+    python experiments/bench.py suite=quick       # a small smoke run of every method, ~5 min on 2 cores
     python experiments/bench.py method=fvis job=reference batch_size=4   # one measurement -> stdout
 
 One measurement per process (so peak memory and start-up are its own):

@@ -117,8 +117,7 @@ def measure_jax_loop(job_cfg, *, steady_repeats=5):
     steps, inside a Python loop over filters.
     """
     start, cpu0 = time.perf_counter(), time.process_time()
-    model = keras.applications.ResNet50V2(weights=None, include_top=False) if job_cfg.model == "ResNet50V2" \
-        else getattr(keras.applications, job_cfg.model)(weights=None, include_top=False)
+    model = getattr(keras.applications, job_cfg.model)(weights=None, include_top=False)  # as the seed builds it
     extractor = keras.Model(model.inputs, model.get_layer(job_cfg.layer).output)
     trainable = [v.value for v in extractor.trainable_variables]
     frozen = [v.value for v in extractor.non_trainable_variables]
