@@ -16,6 +16,7 @@ this script, and writes their JSON and a table to `results_dir`.
 import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -85,7 +86,8 @@ def run_suite(cfg):
     import bench_report
     results_dir = Path(cfg.results_dir)
     work = HERE / "runs" / cfg.suite.name
-    work.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(work, ignore_errors=True)  # a fresh start: cold caches are cold
+    work.mkdir(parents=True)
     path, records = results_dir / f"{cfg.suite.name}.json", []
     for run in cfg.suite.runs:
         cache = work / f"jax_cache_{run.cache}" if run.get("cache") else None
@@ -102,8 +104,8 @@ def run_suite(cfg):
         if done.returncode == 0:
             record.update(json.loads(out.read_text()))
         records.append(record)
-        bench_report.write(path, records, cfg.suite.name, work)
-    print(bench_report.table(records))
+        summary = bench_report.write(path, records, cfg.suite.name, work)
+    print(bench_report.table(summary["records"]))
     return path
 
 
