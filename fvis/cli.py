@@ -26,9 +26,11 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 import fvis
-from fvis import atlas, optim, outputs
+from fvis import atlas, devices, optim, outputs
+from fvis.chunks import check_loop
 from fvis.errors import FvisError, InvalidValueError
 from fvis.models import _check_image_size
+from fvis.render import check_precision
 from fvis.visualize import check_positive_int
 
 _MAX_DIR = 120
@@ -60,6 +62,14 @@ def _check_scalars(cfg):
     optim.check_learning_rate(cfg.lr)
     if cfg.image_size is not None:
         _check_image_size(cfg.image_size)
+    _performance(cfg)
+
+
+def _performance(cfg):
+    """The speed settings of `fvis.prepare` (issue 3), checked: loop form, precision, compilation cache."""
+    if cfg.loop != "auto":
+        check_loop(cfg.loop)
+    return {"loop": cfg.loop, "precision": check_precision(cfg.precision), "compilation_cache": cfg.compilation_cache}
 
 
 def _instantiate(node, **kwargs):
@@ -86,6 +96,7 @@ def run(cfg, out_dir):
         record["versions"] = _versions()
         start = time.perf_counter()
         _check_scalars(cfg)
+        devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
         model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
         load_s = time.perf_counter() - start
         jobs = _prepare_jobs(cfg, model)
@@ -107,7 +118,7 @@ def _prepare_jobs(cfg, model):
     filters = OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters) else cfg.filters
     settings = dict(param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
                     optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
-                    images_per_unit=cfg.images_per_unit, seed=cfg.seed)
+                    images_per_unit=cfg.images_per_unit, seed=cfg.seed, **_performance(cfg))
     if cfg.get("layers") is None:
         return [(None, fvis.prepare(model, _instantiate(cfg.objective), filters, **settings))]
     if "layer" not in cfg.objective:
@@ -124,7 +135,8 @@ def _prepare_jobs(cfg, model):
 
 def _meta(model, job, layer=None):
     layer = {} if layer is None else {"layer": layer}
-    return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size)}
+    return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
+            "loop": job.loop}
 
 
 def _run_layers(jobs, out_dir, model, resolved, display):

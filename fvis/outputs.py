@@ -172,11 +172,14 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
     return summary
 
 
+_NOT_RESULTS = ("display", "compilation_cache")  # config keys that change no optimised value
+
+
 def run_and_write(job, folder, *, config, meta, display, progress="auto"):
     """Runs a prepared `fvis.visualize.Job` resumably in `folder` and writes its outputs.
 
     Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there
-    from the same computation (the config less its display settings, `meta` and
+    from the same computation (the config less its display and cache settings, `meta` and
     the resolved batch size) are reused, anything else is recomputed.
 
     Args:
@@ -190,7 +193,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto"):
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
     """
-    key = {"config": {k: v for k, v in config.items() if k != "display"}, "meta": meta,
+    key = {"config": {k: v for k, v in config.items() if k not in _NOT_RESULTS}, "meta": meta,
            "batch_size": job.batch_size}
     store = ChunkStore(folder, fingerprint(key))
     result = job.run(store=store, progress=progress)

@@ -14,16 +14,16 @@ loses at most the chunk in flight.
 import dataclasses
 import time
 
-import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.layers import feature_extractor
 from fvis.models import VisModel
-from fvis.render import Forward, Rendered, image_keys, make_render_fn
+from fvis.render import Forward, Rendered, check_precision, make_renderer
 from fvis.units import parse_units
 
 
@@ -62,13 +62,6 @@ def check_positive_int(name, value, minimum=1):
     return int(value)
 
 
-def auto_batch_size(num_units, platform=None):
-    """Filters per compiled batch when batch_size="auto": all of them on an accelerator
-    (up to 128), 16 on a CPU, where larger batches stop paying (see experiments/)."""
-    platform = platform or jax.default_backend()
-    return max(1, min(num_units, 16 if platform == "cpu" else 128))
-
-
 @dataclasses.dataclass
 class Job:
     """A checked, ready-to-compile job (see `prepare`)."""
@@ -80,25 +73,32 @@ class Job:
     images_per_unit: int
     steps: int
     seed: int
-    run_fn: object
+    renderer: object
     image_shape: tuple
+    loop: str
+    mesh: object
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
         b = self.batch_size
         return [(i, self.units[s: s + b]) for i, s in enumerate(range(0, len(self.units), b))]
 
-    def _args(self, chunk_units):
+    def _placed(self, chunk_units):
+        """The chunk's units padded to batch_size (repeating the last), on the mesh."""
         padded = np.concatenate([chunk_units, np.repeat(chunk_units[-1:], self.batch_size - len(chunk_units))])
-        keys = image_keys(jax.random.key(self.seed), padded, self.images_per_unit)
-        return padded, keys
+        return chunks_lib.put(padded.astype(np.int32), devices_lib.shardings(self.mesh)[1])
+
+    def placed_weights(self):
+        """The model weights, replicated on every device of the mesh."""
+        return chunks_lib.put(self.forward.weights(), devices_lib.shardings(self.mesh)[0])
 
     def compile(self, weights):
-        """Compiles the chunk function once; returns (compiled, seconds)."""
+        """Compiles the chunk function once; returns (chunk, seconds)."""
         start = time.perf_counter()
-        units, keys = self._args(self.units[: self.batch_size])
-        compiled = jax.jit(self.run_fn).lower(weights, units, keys).compile()
-        return compiled, time.perf_counter() - start
+        chunk = chunks_lib.compile_chunk(
+            self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
+            images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1]))
+        return chunk, time.perf_counter() - start
 
     def run(self, *, store=None, progress="auto"):
         """Optimises every chunk not already in `store`; returns a `Result`.
@@ -113,7 +113,7 @@ class Job:
         Raises:
             NonFiniteError: a chunk produced NaN or Inf; earlier chunks stay saved.
         """
-        weights = self.forward.weights()
+        weights = self.placed_weights()
         compiled, compile_s, optimize_s, parts, computed = None, 0.0, 0.0, [], 0
         bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
                    desc=self.objective.name, leave=None)
@@ -124,8 +124,8 @@ class Job:
                     if compiled is None:
                         compiled, compile_s = self.compile(weights)
                     start = time.perf_counter()
-                    out = compiled(weights, *self._args(chunk_units))
-                    rendered = Rendered(*(np.asarray(a)[: len(chunk_units)] for a in out))
+                    out = chunks_lib.to_host(compiled(weights, self._placed(chunk_units)))
+                    rendered = Rendered(*(a[: len(chunk_units)] for a in out))
                     optimize_s += time.perf_counter() - start
                     computed += 1
                     bar.set_postfix_str(f"{computed * self.steps / max(optimize_s, 1e-9):.1f} steps/s", refresh=False)
@@ -151,7 +151,8 @@ class Job:
 
 
 def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, steps=30,
-            batch_size="auto", images_per_unit=1, seed=0):
+            batch_size="auto", images_per_unit=1, seed=0, loop="auto", precision="float32",
+            devices=None, compilation_cache=True):
     """Checks a job and builds everything it needs except the compilation.
 
     Args:
@@ -162,9 +163,17 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         transform: `(key, image) -> image`; default none (the reference).
         optimizer: optax transformation; default `fvis.optim.normalized_ascent(10.0)`.
         steps: optimisation steps, >= 1 (the reference: 30).
-        batch_size: units per compiled chunk, or "auto" (see `auto_batch_size`).
+        batch_size: units per compiled chunk, or "auto" (the backend's measured best,
+            see `fvis.devices.AUTO`); rounded up to a multiple of the device count.
         images_per_unit: D images per unit from different starts (for diversity), >= 1.
         seed: int; unit u's random start depends on (seed, u) only.
+        loop: "scan" (all steps in one compiled call), "host" (a compiled step called
+            from Python), or "auto" (the backend's measured best); see `fvis.chunks`.
+        precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
+            objective and gradient stay float32; see `fvis.render.Forward`).
+        devices: the devices to shard units over; default all of `jax.devices()`.
+        compilation_cache: JAX's persistent compilation cache: True (default: the user's
+            cache folder, see `fvis.devices.use_compilation_cache`), a folder, or False.
 
     Returns:
         A `Job`; call `job.run()`.
@@ -187,16 +196,20 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         raise InvalidValueError(f"seed must be an integer. Received: seed={seed!r}")
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
     forward = Forward(feature_extractor(model.model, layers, model.image_size), tuple(layers),
-                      model.to_model_input)
+                      model.to_model_input, check_precision(precision), devices_lib.auto_setting("pool_as_slices"))
     units = parse_units(units, objective.num_units(forward.shapes()))
+    mesh = devices_lib.unit_mesh(devices)
     if batch_size == "auto":
-        batch_size = auto_batch_size(len(units))
-    batch_size = min(check_positive_int("batch_size", batch_size), len(units))
+        batch_size = devices_lib.auto_batch_size(len(units), mesh.size)
+    batch_size = devices_lib.round_up(min(check_positive_int("batch_size", batch_size), len(units)), mesh.size)
+    loop = chunks_lib.check_loop(devices_lib.auto_setting("loop") if loop == "auto" else loop)
+    devices_lib.use_compilation_cache(compilation_cache)
     image_shape = (*model.image_size, model.channels)
-    run_fn = make_render_fn(
+    renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
-        optimizer=optimizer or optim.normalized_ascent(10.0), steps=steps, image_shape=image_shape)
-    return Job(forward, objective, units, batch_size, images_per_unit, steps, int(seed), run_fn, image_shape)
+        optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape)
+    return Job(forward, objective, units, batch_size, images_per_unit, steps, int(seed), renderer, image_shape,
+               loop, mesh)
 
 
 def visualize(model, objective, units="all", *, store=None, progress="auto", **settings):

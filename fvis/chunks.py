@@ -1,0 +1,89 @@
+"""Compiling one chunk's optimisation: the loop form and the placement on devices.
+
+Two loop forms run the same `fvis.render.Renderer` and give the same numbers:
+
+- "scan": init, every step (a `lax.scan`) and the final evaluation are ONE
+  compiled call per chunk;
+- "host": init, step and finish are compiled separately and Python calls the
+  step `steps` times. The step donates the image and optimiser state, so XLA
+  updates it in place; curves stay on the device until the chunk ends, so there
+  is no host round-trip inside the loop.
+
+Every input is placed on the unit mesh (`fvis.devices`): the unit axis sharded,
+the weights replicated. A unit's random keys are derived inside the compiled
+call from (seed, unit) alone, so each device, and each host of a multi-host
+job, can build its own shard.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fvis import devices, render
+from fvis.errors import UnknownNameError, did_you_mean
+
+LOOPS = ("scan", "host")
+
+
+def check_loop(loop):
+    """Returns `loop` if it is one of `LOOPS`, else raises UnknownNameError."""
+    if loop not in LOOPS:
+        raise UnknownNameError(did_you_mean(str(loop), LOOPS, kind="loop"))
+    return loop
+
+
+def put(tree, sharding):
+    """Places host values (numpy arrays, or device arrays read back) as global arrays on `sharding`."""
+    def one(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return jax.tree.map(one, tree)
+
+
+def to_host(tree):
+    """Global arrays -> numpy on this host (gathered from every host of a multi-host job)."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.tree.map(np.asarray, tree)
+
+
+def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units):
+    """Compiles the optimisation of one chunk of `len(units)` units.
+
+    Args:
+        renderer: an `fvis.render.Renderer`.
+        steps: optimisation steps.
+        loop: "scan" or "host" (see the module docstring).
+        mesh: the unit mesh (`fvis.devices.unit_mesh`); len(units) must be a multiple
+            of its size.
+        seed: int, the job's seed.
+        images_per_unit: D.
+        weights, units: example arguments, as placed by `put` (shapes matter).
+
+    Returns:
+        `chunk(weights, units) -> fvis.render.Rendered` of global device arrays.
+    """
+    replicated, by_unit = devices.shardings(mesh)
+    keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
+    jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
+    if check_loop(loop) == "scan":
+        run = render.scan_chunk(renderer, steps)
+        return jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units).compile()
+    init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
+    state = jax.eval_shape(init, units)
+    init = init.lower(units).compile()
+    step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
+    step = step.lower(weights, state, units, np.int32(0)).compile()
+    finish = jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units).compile()
+
+    def chunk(weights, units):
+        state, curves, norms = init(units), [], []
+        for i in range(steps):
+            state, (values, grad_norms) = step(weights, state, units, np.int32(i))
+            curves.append(values)
+            norms.append(grad_norms)
+        images, final = finish(weights, state, units)
+        return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1))
+
+    return chunk

@@ -1,0 +1,108 @@
+"""Where and how a job runs: devices, the unit mesh, per-backend defaults, the compile cache.
+
+fvis shards the unit (filter) axis of each chunk over all devices with a 1-D
+`jax.sharding.Mesh` named "units"; model weights are replicated. Units are
+independent, so the compiled step needs no communication between devices and
+each unit's image is the one a single-device run gives.
+
+Multi-host (a TPU pod slice, several GPU hosts): start the same command on every
+host after `jax.distributed.initialize()`; `jax.devices()` then lists every
+host's devices and the mesh spans them all (see README, "Performance").
+"""
+
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fvis import zoo
+from fvis.errors import InvalidValueError
+
+UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
+
+# Defaults per backend, chosen from experiments/results (see its README): units per
+# compiled chunk (at most), the loop form, and max pooling as slices (fvis.pooling).
+# GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
+AUTO = {
+    "cpu": {"batch_size": 1, "loop": "host", "pool_as_slices": True},
+    "gpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
+    "tpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
+}
+
+
+def unit_mesh(devices=None):
+    """A 1-D mesh over `devices` (default: all of `jax.devices()`), axis "units"."""
+    return Mesh(np.asarray(devices if devices is not None else jax.devices()), (UNITS,))
+
+
+def shardings(mesh):
+    """(replicated, by_unit) `NamedSharding`s of `mesh`: for weights, and for per-unit arrays."""
+    return NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec(UNITS))
+
+
+def auto_setting(name, platform=None):
+    """The default of `name` (a key of `AUTO`'s rows) on `platform` (default: JAX's backend)."""
+    platform = platform or jax.default_backend()
+    return AUTO.get(platform, AUTO["gpu"])[name]
+
+
+def auto_batch_size(num_units, num_devices=1, platform=None):
+    """Units per chunk when batch_size="auto": the backend's measured best per device,
+    times the number of devices, and never more than the units there are (rounded
+    up to a multiple of the device count)."""
+    per_device = auto_setting("batch_size", platform)
+    return round_up(max(1, min(num_units, per_device * num_devices)), num_devices)
+
+
+def round_up(n, multiple):
+    """The smallest multiple of `multiple` that is >= n."""
+    return -(-n // multiple) * multiple
+
+
+MIN_COMPILE_TIME_S = 0.2  # programs that compile faster than this are not worth a cache file
+
+
+def default_compilation_cache():
+    """The persistent compilation cache folder: <fvis cache dir>/jax (see `fvis.zoo.cache_dir`)."""
+    return zoo.cache_dir() / "jax"
+
+
+def use_compilation_cache(setting=True):
+    """Turns on JAX's persistent compilation cache, so a repeated job skips compiling.
+
+    Call it before building the model to cache the model's initializers too (the
+    `fvis` command does); `fvis.prepare` calls it for the optimisation itself.
+
+    Args:
+        setting: True: JAX's own cache folder if one is already configured, else
+            `default_compilation_cache()`; a path: that folder; False or None: leave
+            JAX's configuration as it is.
+
+    Returns:
+        The cache folder in use (a `Path`), or None.
+
+    Raises:
+        InvalidValueError: a setting that is neither a bool nor a path.
+    """
+    if setting is None or setting is False:
+        return None
+    if setting is True:
+        configured = jax.config.jax_compilation_cache_dir
+        folder = Path(configured) if configured else default_compilation_cache()
+    elif isinstance(setting, (str, os.PathLike)):
+        folder = Path(setting).expanduser()
+    else:
+        raise InvalidValueError(f"compilation_cache must be true, false or a folder path. "
+                                f"Received: compilation_cache={setting!r}")
+    folder.mkdir(parents=True, exist_ok=True)
+    # Keras' weight initializers compile ~30 small programs when a model is built (23 s of
+    # ResNet50V2's 28 s build on a busy 2-core CPU), each under JAX's 1 s default threshold.
+    threshold = jax.config.jax_persistent_cache_min_compile_time_secs
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min(threshold, MIN_COMPILE_TIME_S))
+    if jax.config.jax_compilation_cache_dir != str(folder):
+        jax.config.update("jax_compilation_cache_dir", str(folder))
+        from jax.experimental.compilation_cache import compilation_cache
+        compilation_cache.reset_cache()  # a cache opened earlier in this process used another folder
+    return folder
