@@ -74,7 +74,7 @@ def measure(cfg):
         p = cfg.profile
         result = {"variants": bench_profile.measure_profile(
             m.build_model(job), job, batch_size=p.batch_size, loops=list(p.loops),
-            pool_as_slices=list(p.pool_as_slices))}
+            cpu_ops=list(p.cpu_ops))}
     else:
         raise ValueError(f"Unknown method '{cfg.method}'. Use fvis, jax_loop, tf_seed, matmul_peak, "
                          f"batch_study or profile. Received: method={cfg.method}")

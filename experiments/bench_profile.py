@@ -50,12 +50,12 @@ def op_times(folder):
     return by_category, by_name
 
 
-def measure_profile(model, job_cfg, *, batch_size, loops, pool_as_slices):
-    """Profiles one chunk per (loop, pool_as_slices) variant; op-seconds per image-step by category."""
+def measure_profile(model, job_cfg, *, batch_size, loops, cpu_ops):
+    """Profiles one chunk per (loop, cpu_ops) variant; op-seconds per image-step by category."""
     from fvis import devices
     out = []
-    for slices in pool_as_slices:
-        devices.AUTO[jax.default_backend()]["pool_as_slices"] = slices
+    for slices in cpu_ops:
+        devices.AUTO[jax.default_backend()]["cpu_ops"] = slices
         for loop in loops:
             job = fvis.prepare(model, job_cfg.layer, f"0:{batch_size}", steps=job_cfg.steps, batch_size=batch_size,
                                loop=loop, compilation_cache=False)
@@ -70,7 +70,7 @@ def measure_profile(model, job_cfg, *, batch_size, loops, pool_as_slices):
             jax.profiler.stop_trace()
             by_category, by_name = op_times(folder)
             n = batch_size * job_cfg.steps
-            out.append({"loop": loop, "pool_as_slices": slices, "wall_per_image_step_s": wall / n,
+            out.append({"loop": loop, "cpu_ops": slices, "wall_per_image_step_s": wall / n,
                         "op_s_per_image_step": {k: v / n for k, v in by_category.most_common()},
                         "top_ops": [[k, v / n] for k, v in by_name.most_common(12)]})
     return out

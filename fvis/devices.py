@@ -23,12 +23,12 @@ from fvis.errors import InvalidValueError
 UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
 # Defaults per backend, chosen from experiments/results (see its README): units per
-# compiled chunk (at most), the loop form, and max pooling as slices (fvis.pooling).
+# compiled chunk (at most), the loop form, and the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops).
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "pool_as_slices": True},
-    "gpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
-    "tpu": {"batch_size": 128, "loop": "scan", "pool_as_slices": False},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True},
+    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
+    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
 }
 
 

@@ -21,7 +21,7 @@ import optax
 
 from fvis.errors import UnknownNameError, did_you_mean
 from fvis.objectives import INPUT
-from fvis.pooling import max_pool_as_slices
+from fvis.cpu_ops import cpu_ops
 
 # Incremented each time the chunk step is traced (compiled); tests read it.
 TRACE_COUNT = collections.Counter()
@@ -79,15 +79,15 @@ class Forward:
             per layer, BatchNormalization statistics stay float32), while the image,
             the activations handed to the objective and the gradient stay float32
             (Micikevicius et al., ICLR 2018, "Mixed Precision Training").
-        pool_as_slices: max-pool as strided slices (same values, cheaper gradient on
-            CPU; see `fvis.pooling`).
+        cpu_ops: trace max pooling as strided slices and 1x1 convolutions as dots
+            (same values, faster gradients on CPU; see `fvis.cpu_ops`).
     """
 
     extractor: object
     paths: tuple
     to_model_input: object
     precision: str = "float32"
-    pool_as_slices: bool = False
+    cpu_ops: bool = False
 
     def weights(self):
         """The extractor's (trainable, non-trainable) variable values, a pytree of arrays."""
@@ -101,7 +101,7 @@ class Forward:
     def __call__(self, weights, image):
         """(H, W, C) float32 image -> {path: float32 activation without batch axis}; inference mode."""
         x = self.to_model_input(image)[None]
-        with _layer_policy(self.extractor, PRECISIONS[self.precision]), max_pool_as_slices(self.pool_as_slices):
+        with _layer_policy(self.extractor, PRECISIONS[self.precision]), cpu_ops(self.cpu_ops):
             outputs, _ = self.extractor.stateless_call(*weights, x, training=False)
         if not isinstance(outputs, (list, tuple)):  # Keras unwraps a one-output model
             outputs = [outputs]

@@ -196,7 +196,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         raise InvalidValueError(f"seed must be an integer. Received: seed={seed!r}")
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
     forward = Forward(feature_extractor(model.model, layers, model.image_size), tuple(layers),
-                      model.to_model_input, check_precision(precision), devices_lib.auto_setting("pool_as_slices"))
+                      model.to_model_input, check_precision(precision), devices_lib.auto_setting("cpu_ops"))
     units = parse_units(units, objective.num_units(forward.shapes()))
     mesh = devices_lib.unit_mesh(devices)
     if batch_size == "auto":
