@@ -12,10 +12,14 @@ Objectives combine like numbers (lucid's convention, Olah et al., Distill 2017):
 
     channel("mixed4a") - 0.05 * total_variation()
 
+Regularizers (`l1`, `l2`, `total_variation`, `blur`) are penalties on `INPUT`:
+non-negative, to be subtracted. `diversity` is a quantity to add.
+
 Terms that compare several images of the same unit (diversity) are "group"
 terms: they receive the stacked activations (D, ...) of the D images of a unit.
 """
 
+import jax
 import jax.numpy as jnp
 
 from fvis.errors import InvalidTypeError, InvalidValueError
@@ -205,3 +209,89 @@ def direction(layer, vectors, *, border=2):
         return vectors.shape[0]
     return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border) @ vectors[unit]),
                      layers=[layer], checks=[check], name=f"direction({layer})")
+
+
+def weighted_sum(terms, weights=None):
+    """The sum of `weights[i] * terms[i]`: objective algebra for config files.
+
+    Args:
+        terms: a non-empty sequence of `Objective`s.
+        weights: numbers, one per term; all 1 by default.
+    """
+    terms = list(terms)
+    weights = [1.0] * len(terms) if weights is None else [float(w) for w in weights]
+    if not terms or len(weights) != len(terms):
+        raise InvalidValueError(f"weighted_sum needs one weight per term and at least one term. "
+                                f"Received: {len(terms)} terms, {len(weights)} weights")
+    total = weights[0] * terms[0]
+    for weight, term in zip(weights[1:], terms[1:]):
+        total = total + weight * term
+    return total
+
+
+def _gram(act):
+    """(h, w, c) or (c,) activation -> (c, c) Gram matrix of its spatial positions."""
+    flat = act.reshape(-1, act.shape[-1])
+    return flat.T @ flat
+
+
+def diversity(layer):
+    """Dissimilarity of the D images of a unit (Olah et al., Distill 2017, "Feature Visualization").
+
+    A group term, for `images_per_unit` > 1: the negated cosine similarity of the
+    Gram matrices (style, as in Gatys et al. 2016) of `layer`'s activations, summed
+    over ordered pairs of distinct images and divided by D, so it lies in
+    [-(D - 1), 0] for non-negative activations. Add it: `channel(l) + 0.1 * diversity(l)`.
+
+    Args:
+        layer: layer path (a feature map or a vector), or `INPUT` for the pixels.
+    """
+    def group_fn(stacked, unit):
+        grams = jax.vmap(_gram)(stacked[layer])
+        grams = grams.reshape(grams.shape[0], -1)
+        grams = grams / (jnp.linalg.norm(grams, axis=1, keepdims=True) + 1e-10)
+        similarity = grams @ grams.T
+        d = grams.shape[0]
+        return -(jnp.sum(similarity) - jnp.trace(similarity)) / d
+
+    return Objective(group_fn=group_fn, layers=[layer], checks=[lambda shapes: None],
+                     name=f"diversity({layer})")
+
+
+def _input_penalty(fn, name):
+    return Objective(lambda acts, unit: fn(acts[INPUT]), layers=[INPUT], checks=[lambda shapes: None], name=name)
+
+
+def l1(*, constant=0.0):
+    """Mean absolute difference of the image from `constant` (0: gray), a penalty to subtract.
+
+    Reads the (H, W, C) image in fvis' [-1, 1] space, before transforms.
+    """
+    return _input_penalty(lambda x: jnp.mean(jnp.abs(x - constant)), f"l1({constant:g})")
+
+
+def l2(*, constant=0.0):
+    """Root mean square difference of the image from `constant`, a penalty to subtract."""
+    return _input_penalty(lambda x: jnp.sqrt(jnp.mean(jnp.square(x - constant)) + 1e-12), f"l2({constant:g})")
+
+
+def total_variation():
+    """Mean absolute difference between neighbouring pixels (anisotropic total variation;
+    Mahendran & Vedaldi, CVPR 2015), a penalty to subtract."""
+    def tv(x):
+        return jnp.mean(jnp.abs(jnp.diff(x, axis=0))) + jnp.mean(jnp.abs(jnp.diff(x, axis=1)))
+    return _input_penalty(tv, "total_variation")
+
+
+def _blur3(x):
+    """(H, W, C) -> the same, blurred by the 3x3 binomial kernel, edges replicated."""
+    padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
+    rows = (padded[:-2] + 2 * padded[1:-1] + padded[2:]) / 4
+    return (rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:]) / 4
+
+
+def blur():
+    """Half the mean squared distance of the image to its (fixed) 3x3-blurred self, a penalty
+    to subtract: its gradient step moves the image towards the blur (Lucid's
+    `blur_input_each_step`; Nguyen et al. 2015 blur the image every few steps)."""
+    return _input_penalty(lambda x: 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(_blur3(x)))), "blur")
