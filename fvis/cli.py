@@ -22,7 +22,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 import fvis
-from fvis import optim, outputs
+from fvis import optim, outputs, quality, report
 from fvis.errors import FvisError
 from fvis.models import _check_image_size
 from fvis.visualize import check_positive_int
@@ -81,6 +81,7 @@ def run(cfg, out_dir):
         else cfg.filters, param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
         optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
         images_per_unit=cfg.images_per_unit, seed=cfg.seed)
+    natural = _natural_photos(cfg, model)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     store = outputs.ChunkStore(out_dir, outputs.fingerprint(resolved))
     result = job.run(store=store)
@@ -93,8 +94,24 @@ def run(cfg, out_dir):
         "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
         "versions": _versions(),
     }
-    return outputs.write_run(out_dir, result, config=resolved, meta=meta, crop=cfg.display.crop,
-                             mode=cfg.display.mode, margin=cfg.display.margin)
+    summary = outputs.write_run(out_dir, result, config=resolved, meta=meta, crop=cfg.display.crop,
+                                mode=cfg.display.mode, margin=cfg.display.margin)
+    return _write_quality(cfg, job, result, out_dir, summary, natural) if cfg.quality.enabled else summary
+
+
+def _natural_photos(cfg, model):
+    """The photos of `quality.natural_images` (loaded before any compute), or None."""
+    folder = cfg.quality.natural_images if cfg.quality.enabled else None
+    return quality.load_photos(folder, model.image_size, channels=model.channels) if folder else None
+
+
+def _write_quality(cfg, job, result, out_dir, summary, natural):
+    """Measures the images (see `fvis.quality`), adds the figures to results.json, writes report.html."""
+    start = time.perf_counter()
+    records, run_summary = quality.measure(job.forward, job.objective, result.units, result.images,
+                                           natural=natural, draws=cfg.quality.draws, seed=cfg.seed)
+    summary["timings"]["quality_s"] = time.perf_counter() - start
+    return report.write(out_dir, summary, records, run_summary, natural=natural)
 
 
 def _versions():
