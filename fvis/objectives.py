@@ -10,10 +10,10 @@ objective never sees a batch axis (no norms or means taken across the batch).
 
 Objectives combine like numbers (lucid's convention, Olah et al., Distill 2017)::
 
-    channel("mixed4a") - 0.05 * total_variation()
+    channel("mixed4a") - 0.05 * regularizers.total_variation()
 
-Regularizers (`l1`, `l2`, `total_variation`, `blur`) are penalties on `INPUT`:
-non-negative, to be subtracted. `diversity` is a quantity to add.
+Regularizers (`fvis.regularizers`) are penalties on `INPUT`, to be subtracted;
+`diversity` is a quantity to add.
 
 Terms that compare several images of the same unit (diversity) are "group"
 terms: they receive the stacked activations (D, ...) of the D images of a unit.
@@ -256,42 +256,3 @@ def diversity(layer):
 
     return Objective(group_fn=group_fn, layers=[layer], checks=[lambda shapes: None],
                      name=f"diversity({layer})")
-
-
-def _input_penalty(fn, name):
-    return Objective(lambda acts, unit: fn(acts[INPUT]), layers=[INPUT], checks=[lambda shapes: None], name=name)
-
-
-def l1(*, constant=0.0):
-    """Mean absolute difference of the image from `constant` (0: gray), a penalty to subtract.
-
-    Reads the (H, W, C) image in fvis' [-1, 1] space, before transforms.
-    """
-    return _input_penalty(lambda x: jnp.mean(jnp.abs(x - constant)), f"l1({constant:g})")
-
-
-def l2(*, constant=0.0):
-    """Root mean square difference of the image from `constant`, a penalty to subtract."""
-    return _input_penalty(lambda x: jnp.sqrt(jnp.mean(jnp.square(x - constant)) + 1e-12), f"l2({constant:g})")
-
-
-def total_variation():
-    """Mean absolute difference between neighbouring pixels (anisotropic total variation;
-    Mahendran & Vedaldi, CVPR 2015), a penalty to subtract."""
-    def tv(x):
-        return jnp.mean(jnp.abs(jnp.diff(x, axis=0))) + jnp.mean(jnp.abs(jnp.diff(x, axis=1)))
-    return _input_penalty(tv, "total_variation")
-
-
-def _blur3(x):
-    """(H, W, C) -> the same, blurred by the 3x3 binomial kernel, edges replicated."""
-    padded = jnp.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge")
-    rows = (padded[:-2] + 2 * padded[1:-1] + padded[2:]) / 4
-    return (rows[:, :-2] + 2 * rows[:, 1:-1] + rows[:, 2:]) / 4
-
-
-def blur():
-    """Half the mean squared distance of the image to its (fixed) 3x3-blurred self, a penalty
-    to subtract: its gradient step moves the image towards the blur (Lucid's
-    `blur_input_each_step`; Nguyen et al. 2015 blur the image every few steps)."""
-    return _input_penalty(lambda x: 0.5 * jnp.mean(jnp.square(x - jax.lax.stop_gradient(_blur3(x)))), "blur")

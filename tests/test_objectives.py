@@ -7,7 +7,7 @@ import optax
 import pytest
 
 import fvis
-from fvis import models, objectives as obj, params
+from fvis import models, objectives as obj, params, regularizers as reg
 from fvis.errors import InvalidTypeError, InvalidValueError
 
 ACT = jax.random.normal(jax.random.key(0), (6, 8, 5))  # one image's (h, w, c) feature map
@@ -39,7 +39,7 @@ def test_algebra_matches_the_arithmetic():
     assert float((a - 0.5 * b)(ACTS, 1)) == pytest.approx(va - 0.5 * vb)
     assert float((-a / 4)(ACTS, 1)) == pytest.approx(-va / 4)
     assert float(obj.weighted_sum([a, b], [2, -3])(ACTS, 1)) == pytest.approx(2 * va - 3 * vb)
-    assert (a + obj.total_variation()).layers == ("f", obj.INPUT)
+    assert (a + reg.total_variation()).layers == ("f", obj.INPUT)
     with pytest.raises(TypeError, match="received int"):
         a + 1
     with pytest.raises(InvalidValueError, match="one weight per term"):
@@ -49,16 +49,16 @@ def test_algebra_matches_the_arithmetic():
 def test_regularizers_on_known_images():
     flat, stripes = jnp.full((6, 8, 3), 0.5), jnp.tile(jnp.array([1.0, -1.0]), (6, 4))[..., None]
     value = lambda o, x: float(o({obj.INPUT: x}, 0))
-    assert value(obj.l1(), flat) == pytest.approx(0.5) and value(obj.l1(constant=0.5), flat) == 0
-    assert value(obj.l2(), stripes) == pytest.approx(1.0)
-    assert value(obj.total_variation(), flat) == 0
-    assert value(obj.total_variation(), stripes) == pytest.approx(2.0)  # every horizontal step is 2, vertical 0
-    assert value(obj.blur(), flat) == pytest.approx(0, abs=1e-12) and value(obj.blur(), stripes) > 0.1
+    assert value(reg.l1(), flat) == pytest.approx(0.5) and value(reg.l1(constant=0.5), flat) == 0
+    assert value(reg.l2(), stripes) == pytest.approx(1.0)
+    assert value(reg.total_variation(), flat) == 0
+    assert value(reg.total_variation(), stripes) == pytest.approx(2.0)  # every horizontal step is 2, vertical 0
+    assert value(reg.blur(), flat) == pytest.approx(0, abs=1e-12) and value(reg.blur(), stripes) > 0.1
 
 
 def test_blur_gradient_moves_the_image_towards_its_blur():
-    grad = jax.grad(lambda x: obj.blur()({obj.INPUT: x}, 0))(IMAGE)
-    np.testing.assert_allclose(grad, (IMAGE - obj._blur3(IMAGE)) / IMAGE.size, atol=1e-7)
+    grad = jax.grad(lambda x: reg.blur()({obj.INPUT: x}, 0))(IMAGE)
+    np.testing.assert_allclose(grad, (IMAGE - reg._blur3(IMAGE)) / IMAGE.size, atol=1e-7)
 
 
 def test_diversity_is_minus_pairwise_gram_similarity():
@@ -92,5 +92,5 @@ def test_layer_checks_name_the_problem(tiny):
         fvis.prepare(tiny, obj.channel("logits"), [0])
     with pytest.raises(InvalidValueError, match="5 entries, layer 'conv2' has 16 channels"):
         fvis.prepare(tiny, obj.direction("conv2", np.ones((2, 5))), [0])
-    job = fvis.prepare(tiny, obj.channel("conv2") - 0.1 * obj.total_variation() + obj.diversity("conv1"), "all")
+    job = fvis.prepare(tiny, obj.channel("conv2") - 0.1 * reg.total_variation() + obj.diversity("conv1"), "all")
     assert len(job.units) == 16  # regularizers and diversity take no unit; the channel sets the count
