@@ -134,3 +134,11 @@ def main(cfg):
     t = summary["timings"]
     print(f"fvis: {len(summary['filters'])} images of {summary['objective']} -> {out_dir}/grid.png "
           f"(compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s)")
+    if "quality" in summary:
+        print(f"fvis: quality {_quality_line(summary['quality'])} -> {out_dir}/report.html")
+
+
+def _quality_line(q):
+    shown = [("rank-1 selectivity", q["rank1_fraction"], ".2f"), ("robustness", q["robustness_median"], ".2f"),
+             ("spectral slope", q["spectral_slope_median"], ".2f")]
+    return ", ".join(f"{name} {'n/a' if v is None else format(v, fmt)}" for name, v, fmt in shown)

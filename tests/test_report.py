@@ -70,11 +70,15 @@ def run_cli(*args, cwd):
     return subprocess.run([sys.executable, "-m", "fvis", *args], cwd=cwd, capture_output=True, text=True, timeout=300)
 
 
-def test_cli_writes_the_quality_report(tmp_path):
+def test_cli_writes_the_quality_report_for_a_grayscale_non_square_lucid_run(tmp_path):
     photos = write_photos(tmp_path / "photos")
-    proc = run_cli("model=tiny", "steps=3", "filters=0:3", f"quality.natural_images={photos}", "quality.draws=2",
+    proc = run_cli("model=tiny", "model.channels=1", "image_size=[40,56]", "experiment=lucid", "steps=3",
+                   "filters=0:3", f"quality.natural_images={photos}", "quality.draws=2",
                    f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
+    assert "fvis: quality rank-1 selectivity" in proc.stdout
+    with np.load(tmp_path / "run" / "images.npz") as data:
+        assert data["images"].shape == (3, 1, 40, 56, 1)
     results = json.loads((tmp_path / "run" / "results.json").read_text())
     assert set(results["quality"]) >= {"rank1_fraction", "robustness_median", "spectral_slope_median",
                                        "natural_ratio_median"}
