@@ -108,27 +108,30 @@ def pad(pixels, *, fill=0.0):
     return apply
 
 
-def random_scale(scales=(0.9, 1.1), *, fill=0.0):
-    """Zooms about the centre by a factor drawn uniformly from [min, max] (> 1 zooms in)."""
+def random_affine(*, scales=(1.0, 1.0), degrees=0.0, fill=0.0):
+    """Zooms and rotates about the centre in one resampling: a factor drawn uniformly from
+    [min, max] of `scales` (> 1 zooms in) and an angle from [-degrees, degrees]."""
     low, high = _check_range("scales", scales, 0.0)
+    limit = math.radians(_check("degrees", degrees))
 
     def apply(key, image):
-        s = jax.random.uniform(key, (), jnp.float32, low, high)
-        return _warp(image, jnp.eye(2) / s, jnp.zeros(2), fill)
+        scale_key, angle_key = jax.random.split(key)
+        s = jax.random.uniform(scale_key, (), jnp.float32, low, high)
+        a = jax.random.uniform(angle_key, (), jnp.float32, -limit, limit)
+        rotation = jnp.array([[jnp.cos(a), -jnp.sin(a)], [jnp.sin(a), jnp.cos(a)]])
+        return _warp(image, rotation / s, jnp.zeros(2), fill)
 
     return apply
+
+
+def random_scale(scales=(0.9, 1.1), *, fill=0.0):
+    """Zooms about the centre by a factor drawn uniformly from [min, max] (> 1 zooms in)."""
+    return random_affine(scales=scales, fill=fill)
 
 
 def random_rotate(degrees=10.0, *, fill=0.0):
     """Rotates about the centre by an angle drawn uniformly from [-degrees, degrees]."""
-    limit = math.radians(_check("degrees", degrees))
-
-    def apply(key, image):
-        a = jax.random.uniform(key, (), jnp.float32, -limit, limit)
-        rotation = jnp.array([[jnp.cos(a), -jnp.sin(a)], [jnp.sin(a), jnp.cos(a)]])
-        return _warp(image, rotation, jnp.zeros(2), fill)
-
-    return apply
+    return random_affine(degrees=degrees, fill=fill)
 
 
 def random_crop(size=(0.5, 1.0), *, center_std=0.15, fill=0.0):
@@ -166,6 +169,7 @@ def noise(std=0.08):
 
 def standard(*, fill=0.0):
     """Lucid's standard transforms (Olah et al., Distill 2017), at a fixed image size:
-    pad 12, jitter 8, scale in [0.9, 1.1], rotate within +-10 degrees, jitter 4."""
-    return compose([pad(12, fill=fill), jitter(8, fill=fill), random_scale((0.9, 1.1), fill=fill),
-                    random_rotate(10.0, fill=fill), jitter(4, fill=fill)])
+    pad 12, jitter 8, scale in [0.9, 1.1] and rotate within +-10 degrees (one
+    resampling for both), jitter 4."""
+    return compose([pad(12, fill=fill), jitter(8, fill=fill),
+                    random_affine(scales=(0.9, 1.1), degrees=10.0, fill=fill), jitter(4, fill=fill)])

@@ -12,7 +12,8 @@ from fvis.errors import InvalidValueError
 
 ALL = {
     "jitter": transforms.jitter(3), "pad": transforms.pad(4), "scale": transforms.random_scale((0.8, 1.2)),
-    "rotate": transforms.random_rotate(15.0), "crop": transforms.random_crop((0.5, 0.9)),
+    "rotate": transforms.random_rotate(15.0), "affine": transforms.random_affine(scales=(0.9, 1.2), degrees=5.0),
+    "crop": transforms.random_crop((0.5, 0.9)),
     "noise": transforms.noise(0.1), "standard": transforms.standard(),
 }
 
@@ -45,7 +46,7 @@ def test_jitter_is_an_exact_shift_with_gray_fill():
 
 def test_identity_settings_leave_the_image_alone():
     x = image((24, 31, 3))
-    for t in [transforms.random_scale((1.0, 1.0)), transforms.random_rotate(0.0),
+    for t in [transforms.random_scale((1.0, 1.0)), transforms.random_rotate(0.0), transforms.random_affine(),
               transforms.random_crop((1.0, 1.0), center_std=0.0), transforms.jitter(0), transforms.pad(0)]:
         np.testing.assert_allclose(t(jax.random.key(0), x), x, atol=1e-5)
 
