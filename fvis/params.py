@@ -98,8 +98,8 @@ def fourier(*, decay_power=1.0, init_std=0.01, decorrelate=True):
     """The Fourier parameterization with 1/f scaling and decorrelated colour.
 
     The image is the real part of the inverse FFT of a complex spectrum whose
-    coefficients are scaled by 1/f**decay_power, so every frequency moves at a
-    similar speed in image space instead of high frequencies dominating; colours are
+    coefficients are scaled by 1/f**decay_power, so the optimiser's steps have the
+    1/f spectrum of photographs instead of being dominated by high frequencies; colours are
     decorrelated and squashed into range by a sigmoid (Olah et al., Distill 2017,
     "Feature Visualization"; Mordvintsev et al., Distill 2018, "Differentiable Image
     Parameterizations"). Images are in range by construction: display them with
@@ -201,7 +201,7 @@ def maco(*, magnitude=None, decay_power=1.0, decorrelate=True):
         else:
             law = natural_magnitude(paths, height, width, channels, decorrelate=decorrelate)
         law = np.array(law)
-        law[0, 0] = 0.0  # no mean colour: the standardisation would remove it anyway
+        law[0, 0] = 0.0  # no mean colour: images average to gray
         return law
 
     def init(key, shape):
