@@ -26,7 +26,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm.auto import tqdm
 
 import fvis
-from fvis import atlas, devices, optim, outputs
+from fvis import atlas, devices, optim, outputs, quality, report
 from fvis.chunks import check_loop
 from fvis.errors import FvisError, InvalidValueError
 from fvis.models import _check_image_size
@@ -60,6 +60,8 @@ def _check_scalars(cfg):
     if cfg.batch_size != "auto":
         check_positive_int("batch_size", cfg.batch_size)
     optim.check_learning_rate(cfg.lr)
+    if cfg.quality.enabled:
+        check_positive_int("quality.draws", cfg.quality.draws)
     if cfg.image_size is not None:
         _check_image_size(cfg.image_size)
     _performance(cfg)
@@ -100,13 +102,14 @@ def run(cfg, out_dir):
         model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
         load_s = time.perf_counter() - start
         jobs = _prepare_jobs(cfg, model)
+        finish = _quality_step(cfg, model)
         resolved = OmegaConf.to_container(cfg, resolve=True)
         display = dict(resolved["display"])
         if cfg.get("layers") is None:
-            summary, facts = outputs.run_and_write(jobs[0][1], out_dir, config=resolved,
-                                                   meta=_meta(model, jobs[0][1]), display=display)
+            summary, facts = outputs.run_and_write(jobs[0][1], out_dir, config=resolved, meta=_meta(model, jobs[0][1]),
+                                                   display=display, finish=finish)
         else:
-            summary, facts = _run_layers(jobs, out_dir, model, resolved, display)
+            summary, facts = _run_layers(jobs, out_dir, model, resolved, display, finish)
         record["timings"] = {"load_model_s": load_s, "compile_s": facts["compile_s"],
                              "optimize_s": facts["optimize_s"], "total_s": time.perf_counter() - start}
         record["chunks"] = facts["chunks"]
@@ -133,13 +136,34 @@ def _prepare_jobs(cfg, model):
             for layer in layers]
 
 
+def _quality_step(cfg, model):
+    """The quality report as a `run_and_write` finish step, or None when `quality.enabled` is false.
+
+    The photos of `quality.natural_images` are loaded here, before any compute, so a bad
+    folder fails at start-up.
+    """
+    if not cfg.quality.enabled:
+        return None
+    folder = cfg.quality.natural_images
+    natural = quality.load_photos(folder, model.image_size, channels=model.channels) if folder else None
+
+    def finish(job, result, folder, summary):
+        start = time.perf_counter()
+        records, run_summary = quality.measure(job.forward, job.objective, result.units, result.images,
+                                               natural=natural, draws=cfg.quality.draws, seed=cfg.seed)
+        summary["timings"]["quality_s"] = time.perf_counter() - start
+        return report.write(folder, summary, records, run_summary, natural=natural)
+
+    return finish
+
+
 def _meta(model, job, layer=None):
     layer = {} if layer is None else {"layer": layer}
     return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
             "loop": job.loop}
 
 
-def _run_layers(jobs, out_dir, model, resolved, display):
+def _run_layers(jobs, out_dir, model, resolved, display, finish):
     """Runs a whole-model job layer by layer, then writes the atlas and the top results.json."""
     entries, rows, parts = [], [], []
     overall = tqdm(total=sum(len(job.units) for _, job in jobs), unit="filter", desc="all layers", disable=None)
@@ -148,7 +172,7 @@ def _run_layers(jobs, out_dir, model, resolved, display):
             overall.set_postfix_str(layer)
             folder = Path(out_dir) / atlas.layer_folder(index, layer)
             summary, done = outputs.run_and_write(job, folder, config=resolved, meta=_meta(model, job, layer),
-                                                  display=display)
+                                                  display=display, finish=finish)
             overall.update(len(job.units))
             parts.append((layer, done))
             entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
@@ -184,7 +208,16 @@ def _done_line(summary, record, out_dir):
         where = f"{out_dir}/index.html"
     else:
         what, where = f"{len(summary['filters'])} images of {summary['objective']}", f"{out_dir}/grid.png"
-    return f"fvis: {what} -> {where} (compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s{reused})"
+    line = f"fvis: {what} -> {where} (compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s{reused})"
+    if "quality" in summary:
+        line += f"\nfvis: quality {_quality_line(summary['quality'])} -> {out_dir}/report.html"
+    return line
+
+
+def _quality_line(q):
+    shown = [("rank-1 selectivity", q["rank1_fraction"], ".2f"), ("robustness", q["robustness_median"], ".2f"),
+             ("spectral slope", q["spectral_slope_median"], ".2f")]
+    return ", ".join(f"{name} {'n/a' if v is None else format(v, fmt)}" for name, v, fmt in shown)
 
 
 def _user_message(exc):

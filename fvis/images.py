@@ -11,7 +11,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fvis.errors import InvalidValueError
+from fvis.errors import InvalidValueError, MissingFileError
+
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
 
 def deprocess(image, *, crop=25, mode="seed"):
@@ -107,3 +109,18 @@ def load_photo(path, image_size, *, channels=3):
     image = image.resize((image_size[1], image_size[0]), Image.BILINEAR)
     array = np.asarray(image, np.float32).reshape(image_size[0], image_size[1], channels)
     return array / 127.5 - 1.0
+
+
+def photo_paths(folder, *, purpose="natural images"):
+    """The image files (PHOTO_SUFFIXES) directly in `folder`, sorted by name.
+
+    Raises:
+        MissingFileError: `folder` is not a folder or holds no image file; the message
+            says what the photos are for (`purpose`).
+    """
+    folder = Path(folder).expanduser()
+    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES) if folder.is_dir() else []
+    if not paths:
+        raise MissingFileError(f"No images ({', '.join(PHOTO_SUFFIXES)}) found in '{folder}', needed for "
+                               f"{purpose}. Pass a folder of photos. Received: '{folder}'")
+    return paths

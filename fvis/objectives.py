@@ -10,15 +10,20 @@ objective never sees a batch axis (no norms or means taken across the batch).
 
 Objectives combine like numbers (lucid's convention, Olah et al., Distill 2017)::
 
-    channel("mixed4a") - 0.05 * total_variation()
+    channel("mixed4a") - 0.05 * regularizers.total_variation()
+
+Regularizers (`fvis.regularizers`) are penalties on `INPUT`, to be subtracted;
+`diversity` is a quantity to add.
 
 Terms that compare several images of the same unit (diversity) are "group"
 terms: they receive the stacked activations (D, ...) of the D images of a unit.
 """
 
+import jax
 import jax.numpy as jnp
 
 from fvis.errors import InvalidTypeError, InvalidValueError
+from fvis.numerics import safe_norm
 
 INPUT = ":input"  # acts[INPUT] is the image being optimised, before transforms
 
@@ -205,3 +210,50 @@ def direction(layer, vectors, *, border=2):
         return vectors.shape[0]
     return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border) @ vectors[unit]),
                      layers=[layer], checks=[check], name=f"direction({layer})")
+
+
+def weighted_sum(terms, weights=None):
+    """The sum of `weights[i] * terms[i]`: objective algebra for config files.
+
+    Args:
+        terms: a non-empty sequence of `Objective`s.
+        weights: numbers, one per term; all 1 by default.
+    """
+    terms = list(terms)
+    weights = [1.0] * len(terms) if weights is None else [float(w) for w in weights]
+    if not terms or len(weights) != len(terms):
+        raise InvalidValueError(f"weighted_sum needs one weight per term and at least one term. "
+                                f"Received: {len(terms)} terms, {len(weights)} weights")
+    total = weights[0] * terms[0]
+    for weight, term in zip(weights[1:], terms[1:]):
+        total = total + weight * term
+    return total
+
+
+def _gram(act):
+    """(h, w, c) or (c,) activation -> (c, c) Gram matrix of its spatial positions."""
+    flat = act.reshape(-1, act.shape[-1])
+    return flat.T @ flat
+
+
+def diversity(layer):
+    """Dissimilarity of the D images of a unit (Olah et al., Distill 2017, "Feature Visualization").
+
+    A group term, for `images_per_unit` > 1: the negated cosine similarity of the
+    Gram matrices (style, as in Gatys et al. 2016) of `layer`'s activations, summed
+    over ordered pairs of distinct images and divided by D, so it lies in
+    [-(D - 1), 0] for non-negative activations. Add it: `channel(l) + 0.1 * diversity(l)`.
+
+    Args:
+        layer: layer path (a feature map or a vector), or `INPUT` for the pixels.
+    """
+    def group_fn(stacked, unit):
+        grams = jax.vmap(_gram)(stacked[layer])
+        grams = grams.reshape(grams.shape[0], -1)
+        grams = grams / safe_norm(grams, axis=1, keepdims=True)
+        similarity = grams @ grams.T
+        d = grams.shape[0]
+        return -(jnp.sum(similarity) - jnp.trace(similarity)) / d
+
+    return Objective(group_fn=group_fn, layers=[layer], checks=[lambda shapes: None],
+                     name=f"diversity({layer})")

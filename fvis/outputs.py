@@ -172,10 +172,10 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
     return summary
 
 
-_NOT_RESULTS = ("display", "compilation_cache")  # config keys that change no optimised value
+_NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that change no optimised value
 
 
-def run_and_write(job, folder, *, config, meta, display, progress="auto"):
+def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):
     """Runs a prepared `fvis.visualize.Job` resumably in `folder` and writes its outputs.
 
     Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there
@@ -189,6 +189,8 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto"):
         meta: JSON-able facts that identify the job (model, objective, layer, ...).
         display: dict of `write_run`'s crop, mode and margin.
         progress: passed to `job.run`.
+        finish: None, or a function (job, result, folder, summary) -> summary run after the
+            files are written that may add to them (the cli's quality report).
 
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
@@ -201,6 +203,8 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto"):
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
     summary = write_run(folder, result, config=config, meta=meta, **display)
+    if finish is not None:
+        summary = finish(job, result, folder, summary)
     store.remove_temporaries()
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
              "chunks": {"total": len(job.chunks()), **store.stats()}}

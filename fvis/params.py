@@ -5,15 +5,27 @@ A parameterization is an `(init, to_image)` pair of pure functions, for ONE imag
 - `init(key, shape) -> params`: `shape` is the image's (H, W, C);
 - `to_image(params) -> image`: (H, W, C) float32 in fvis' [-1, 1] space.
 
-The optimiser updates `params`; the objective sees `to_image(params)`.
+The optimiser updates `params`; the objective sees `to_image(params)`. Spectral
+parameterizations keep their coefficients on the full (H, W) frequency grid, so
+`to_image` reads the image size from the parameters' shape (any H, W, odd or even).
 """
 
+import functools
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fvis.errors import InvalidValueError
+from fvis.images import load_photo, photo_paths
+from fvis.numerics import safe_std
+
+# Square root of the colour covariance of ImageNet photos (from its SVD), the matrix of
+# Lucid's decorrelated colour space (Olah et al., Distill 2017). Columns are scaled so
+# the longest has norm 1; x_rgb = x_decorrelated @ _COLOR.T.
+_COLOR_SQRT = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]], np.float32)
+_COLOR = _COLOR_SQRT / np.max(np.linalg.norm(_COLOR_SQRT, axis=0))
 
 
 class Parameterization(NamedTuple):
@@ -37,3 +49,181 @@ def pixel(*, init_scale=0.125):
         return (jax.random.uniform(key, shape, jnp.float32) - 0.5) * (2.0 * init_scale)
 
     return Parameterization(init, lambda params: params)
+
+
+def decorrelated_to_rgb(x):
+    """Maps colours from the decorrelated space to RGB (Olah et al., Distill 2017).
+
+    Args:
+        x: (..., C) float array. Only C = 3 has a colour space to decorrelate; any
+            other C (1 for grayscale) is returned unchanged.
+
+    Returns:
+        (..., C) float array, the same dtype.
+    """
+    return x @ jnp.asarray(_COLOR.T, x.dtype) if x.shape[-1] == 3 else x
+
+
+def rgb_to_decorrelated(x):
+    """The inverse of `decorrelated_to_rgb`: (..., C) RGB -> (..., C) decorrelated colours."""
+    return x @ jnp.asarray(np.linalg.inv(_COLOR.T), x.dtype) if x.shape[-1] == 3 else x
+
+
+def frequencies(height, width):
+    """Radial spatial frequency of each FFT bin, in cycles per pixel.
+
+    Returns:
+        (height, width) float32 numpy array in [0, sqrt(0.5)]; entry [ky, kx] is the
+        frequency of `numpy.fft.fft2`'s bin [ky, kx].
+    """
+    fy, fx = np.fft.fftfreq(height)[:, None], np.fft.fftfreq(width)[None, :]
+    return np.sqrt(fy * fy + fx * fx).astype(np.float32)
+
+
+def power_law(height, width, decay_power=1.0):
+    """Amplitude 1 / f**decay_power per FFT bin, capped at the lowest frequency of the image.
+
+    Returns:
+        (height, width) float32 numpy array; the DC bin gets max(height, width)**decay_power.
+    """
+    return (1.0 / np.maximum(frequencies(height, width), 1.0 / max(height, width)) ** decay_power
+            ).astype(np.float32)
+
+
+def _to_range(x, decorrelate):
+    """Unbounded (H, W, C) -> fvis' [-1, 1] space: optional colour correlation, then a sigmoid."""
+    return 2.0 * jax.nn.sigmoid(decorrelated_to_rgb(x) if decorrelate else x) - 1.0
+
+
+def fourier(*, decay_power=1.0, init_std=0.01, decorrelate=True):
+    """The Fourier parameterization with 1/f scaling and decorrelated colour.
+
+    The image is the real part of the inverse FFT of a complex spectrum whose
+    coefficients are scaled by 1/f**decay_power, so the optimiser's steps have the
+    1/f spectrum of photographs instead of being dominated by high frequencies; colours are
+    decorrelated and squashed into range by a sigmoid (Olah et al., Distill 2017,
+    "Feature Visualization"; Mordvintsev et al., Distill 2018, "Differentiable Image
+    Parameterizations"). Images are in range by construction: display them with
+    `mode="clip"` (see `fvis.images.deprocess`).
+
+    Args:
+        decay_power: exponent of the 1/f scaling; 0 gives white (unscaled) spectra.
+        init_std: standard deviation of the real and imaginary parts of the initial
+            spectrum (Lucid's 0.01: a near-gray start).
+        decorrelate: optimise in the decorrelated colour space; only 3-channel images
+            have one (grayscale images are left as they are).
+
+    Params: (2, H, W, C) float32, real and imaginary parts on the full FFT grid.
+    """
+    if not init_std >= 0:
+        raise InvalidValueError(f"init_std must be >= 0. Received: init_std={init_std}")
+
+    def init(key, shape):
+        return init_std * jax.random.normal(key, (2, *shape), jnp.float32)
+
+    return Parameterization(init, lambda params: _to_range(fourier_image(params, decay_power), decorrelate))
+
+
+def fourier_image(params, decay_power=1.0):
+    """The unbounded image of a Fourier parameterization, before colour and sigmoid.
+
+    Args:
+        params: (2, H, W, C) float32, real and imaginary parts of the spectrum on the
+            full FFT grid (entry [:, ky, kx] is `numpy.fft.fft2`'s bin [ky, kx]).
+        decay_power: the spectrum is scaled by `power_law(H, W, decay_power)`.
+
+    Returns:
+        (H, W, C) float32: the real part of the orthonormal inverse FFT of the scaled
+        spectrum, divided by 4 (Lucid's scale).
+    """
+    height, width = params.shape[1:3]
+    spectrum = (params[0] + 1j * params[1]) * power_law(height, width, decay_power)[..., None]
+    return (jnp.real(jnp.fft.ifft2(spectrum, axes=(0, 1), norm="ortho")) / 4.0).astype(jnp.float32)
+
+
+def _mirror(x):
+    """x[-ky mod H, -kx mod W]: each FFT bin's conjugate partner, for (H, W, ...) arrays."""
+    return jnp.roll(jnp.flip(x, (0, 1)), (1, 1), axis=(0, 1))
+
+
+def _standardize(x):
+    return (x - jnp.mean(x)) / safe_std(x)
+
+
+def natural_magnitude(paths, height, width, channels=3, *, decorrelate=True):
+    """Mean Fourier magnitude of photos (MaCo's magnitude template).
+
+    Args:
+        paths: photo files; each is centre-cropped to a square and resized to (height, width).
+        channels: 3 (RGB) or 1 (grayscale).
+        decorrelate: measure 3-channel photos in the decorrelated colour space.
+
+    Returns:
+        (height, width, channels) float32 numpy array, |FFT| averaged over the photos.
+    """
+    total = np.zeros((height, width, channels), np.float64)
+    for path in paths:
+        photo = load_photo(path, (height, width), channels=channels)
+        photo = np.asarray(rgb_to_decorrelated(jnp.asarray(photo))) if decorrelate else photo
+        total += np.abs(np.fft.fft2(photo - photo.mean(axis=(0, 1)), axes=(0, 1)))
+    return (total / len(paths)).astype(np.float32)
+
+
+def maco(*, magnitude=None, decay_power=1.0, decorrelate=True):
+    """MaCo: a fixed Fourier magnitude, only the phase is optimised (Fel et al., NeurIPS 2023,
+    "Unlocking Feature Visualization for Deeper Networks with MAgnitude Constrained Optimization").
+
+    The image is the inverse FFT of |M| * exp(i * phase), standardised to zero mean and
+    unit variance, colour-correlated and squashed into range by a sigmoid. Fixing the
+    magnitude fixes the image's power spectrum (natural by construction); the mean
+    colour bin (DC) is zero, so images average to gray. Display with `mode="clip"`.
+
+    Args:
+        magnitude: a folder of natural images whose mean magnitude spectrum (in
+            decorrelated colour) is used, or None for the law 1/f**decay_power.
+        decay_power: exponent of the default magnitude law (1: power falls as 1/f**2,
+            as in photographs).
+        decorrelate: as in `fourier`; only 3-channel images have a colour space.
+
+    Params: (H, W, C) float32; the phase of bin k is p[k] - p[-k], which keeps the
+    spectrum Hermitian (a real image) with exactly the magnitude |M|, and is uniform on
+    the circle when p starts uniform.
+
+    Raises:
+        MissingFileError: `magnitude` names no folder with images in it.
+    """
+    paths = photo_paths(magnitude, purpose="MaCo's magnitude spectrum (or magnitude=null: the 1/f law)") \
+        if magnitude is not None else None
+
+    @functools.lru_cache(maxsize=4)
+    def template(height, width, channels):
+        if paths is None:
+            law = np.broadcast_to(power_law(height, width, decay_power)[..., None], (height, width, channels))
+        else:
+            law = natural_magnitude(paths, height, width, channels, decorrelate=decorrelate)
+        law = np.array(law)
+        law[0, 0] = 0.0  # no mean colour: images average to gray
+        return law
+
+    def init(key, shape):
+        return jax.random.uniform(key, shape, jnp.float32, -np.pi, np.pi)
+
+    def to_image(params):
+        return _to_range(maco_image(params, template(*params.shape)), decorrelate)
+
+    return Parameterization(init, to_image)
+
+
+def maco_image(params, magnitude):
+    """The standardised image of MaCo phases, before colour and sigmoid.
+
+    Args:
+        params: (H, W, C) float32; the phase of FFT bin k is params[k] - params[-k].
+        magnitude: (H, W, C) non-negative magnitude spectrum, symmetric under k -> -k.
+
+    Returns:
+        (H, W, C) float32 with mean 0 and standard deviation 1, whose FFT magnitude is
+        `magnitude` up to one overall scale factor.
+    """
+    spectrum = magnitude * jnp.exp(1j * (params - _mirror(params)))
+    return _standardize(jnp.real(jnp.fft.ifft2(spectrum, axes=(0, 1))).astype(jnp.float32))

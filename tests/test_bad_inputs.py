@@ -4,23 +4,20 @@ import json
 import subprocess
 import sys
 
+import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
+import optax
 import pytest
 
 import fvis
-from fvis import images, models, objectives, optim, outputs, render
+from fvis import images, models, numerics, objectives, optim, outputs, params, regularizers, render, transforms
 from fvis.errors import InvalidValueError, NonFiniteError
 
 
 def test_dead_unit_gets_a_gray_tile_in_its_own_cell_and_a_flag(tmp_path):
-    vis_model = models.tiny_convnet(image_size=(32, 32), seed=3)
-    conv2 = vis_model.model.get_layer("conv2")
-    kernel, bias = conv2.get_weights()
-    kernel[..., 5], bias[5] = 0.0, -1.0  # relu2 channel 5 is 0 everywhere, its gradient too
-    conv2.set_weights([kernel, bias])
-    result = fvis.visualize(vis_model, "relu2", "0:9", steps=4, progress=False)
+    result = fvis.visualize(_dead_channel_5_model(), "relu2", "0:9", steps=4, progress=False)
     dead = result.dead[:, 0]
     assert dead[5] and not dead.all()
     assert np.isfinite(result.images).all() and np.isfinite(result.final).all()
@@ -37,6 +34,42 @@ def test_gradient_normalisation_is_finite_at_zero():
     update, _ = optim.normalized_ascent(10.0).update(jnp.zeros((4, 4, 3)), optim.normalized_ascent(10.0).init(None))
     assert np.array_equal(np.asarray(update), np.zeros((4, 4, 3)))
     assert np.isfinite(images.deprocess(np.zeros((8, 8, 3)), crop=0)).all()
+
+
+def test_every_traced_norm_and_std_has_a_finite_gradient_at_zero():
+    zeros = jnp.zeros((3, 4, 4, 2))
+    for fn in (lambda x: numerics.safe_norm(x), lambda x: numerics.safe_std(x),
+               lambda x: jnp.sum(numerics.safe_norm(x, axis=(1, 2, 3))),
+               lambda x: jnp.sum(params._standardize(x)),  # MaCo's image standardisation
+               lambda x: objectives.diversity("l").group_fn({"l": x}, 0),  # Gram cosine similarity
+               lambda x: regularizers.l2()({objectives.INPUT: x[0]}, 0)):
+        value, grad = jax.value_and_grad(fn)(zeros)
+        assert np.isfinite(value) and np.isfinite(grad).all() and not np.asarray(grad).any()
+
+
+def _dead_channel_5_model():
+    vis_model = models.tiny_convnet(image_size=(32, 32), seed=3)
+    conv2 = vis_model.model.get_layer("conv2")
+    kernel, bias = conv2.get_weights()
+    kernel[..., 5], bias[5] = 0.0, -1.0  # relu2 channel 5 is 0 everywhere, its gradient too
+    conv2.set_weights([kernel, bias])
+    return vis_model
+
+
+@pytest.mark.parametrize("preset", ["lucid", "maco"])
+def test_dead_unit_stays_finite_and_flagged_with_every_parameterization_and_transform(preset):
+    param = params.fourier() if preset == "lucid" else params.maco()
+    transform = transforms.standard() if preset == "lucid" else transforms.compose(
+        [transforms.random_crop((0.7, 1.0)), transforms.noise(0.08)])
+    settings = dict(param=param, transform=transform, optimizer=optax.adam(0.05), steps=3, progress=False)
+    model = _dead_channel_5_model()
+    alone = fvis.visualize(model, objectives.channel("relu2"), [4, 5], **settings)
+    assert np.isfinite(alone.images).all() and np.isfinite(alone.final).all()
+    assert alone.dead.tolist() == [[False], [True]]
+    # diversity compares Gram matrices of the whole layer: finite, and no longer dead
+    diverse = fvis.visualize(model, objectives.channel("relu2") + 10.0 * objectives.diversity("relu2"), [4, 5],
+                             images_per_unit=2, **settings)
+    assert np.isfinite(diverse.images).all() and np.isfinite(diverse.final).all()
 
 
 def test_non_finite_chunk_names_layer_filter_and_step_and_keeps_finished_chunks(tiny, tmp_path):

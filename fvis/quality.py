@@ -1,0 +1,214 @@
+"""Picture quality, measured: how strongly, selectively and robustly each image drives its
+unit, and how natural its spectrum is.
+
+For a finished job's images (N units x D images each, flattened to N*D):
+
+- activation: the objective on the image as is (`Result.final`, recomputed);
+- selectivity rank: z-score each requested unit's activation over the run's images,
+  then rank the image's own unit among all requested units (1 = it drives its own
+  unit more, relative to that unit's spread, than any other unit);
+- robustness: the objective after a random jitter (+-8 px) and rescaling (+-10 %),
+  as a fraction of the objective as is; the median over several draws. Images that
+  only work pixel-exactly are adversarial patterns rather than pictures;
+- spectral slope: the slope of the radially averaged power spectrum on log-log axes
+  (photographs about -2 to -3, white noise 0; van der Schaaf & van Hateren 1996);
+- natural ratio (with a folder of photos): the activation as a multiple of the best
+  photo's activation for that unit, and each unit's top photos.
+
+Everything runs in JAX: jitted, the model weights as arguments, images in fixed-size
+batches (one compilation per measurement).
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fvis import transforms
+from fvis.images import load_photo, photo_paths
+from fvis.objectives import INPUT
+
+
+def map_batches(fn, arrays, batch_size):
+    """Applies `fn(*batch)` to fixed-size slices of `arrays` along axis 0 and concatenates.
+
+    The last slice is padded by repeating its last row, so `fn` (jit it) compiles once.
+    """
+    n = len(arrays[0])
+    outs = []
+    for start in range(0, n, batch_size):
+        part = [a[start: start + batch_size] for a in arrays]
+        short = batch_size - len(part[0])
+        part = [np.concatenate([p, np.repeat(p[-1:], short, axis=0)]) if short else p for p in part]
+        outs.append(np.asarray(fn(*part))[: batch_size - short])
+    return np.concatenate(outs)
+
+
+def _values(forward, objective, weights, image, units):
+    """The objective for each of `units` on ONE (H, W, C) image: (U,) float32."""
+    acts = forward(weights, image)
+    acts[INPUT] = image
+    return jax.vmap(lambda unit: objective(acts, unit))(units)
+
+
+def unit_values(forward, objective, images, units, *, batch_size=16):
+    """(M, H, W, C) images x (U,) units -> (M, U) float32 objective values."""
+    weights, units = forward.weights(), jnp.asarray(units, jnp.int32)
+    fn = jax.jit(jax.vmap(lambda w, x: _values(forward, objective, w, x, units), (None, 0)))
+    return map_batches(lambda x: fn(weights, x), [np.asarray(images, np.float32)], batch_size)
+
+
+def selectivity_ranks(values, own):
+    """Rank of each image's own unit after z-scoring each unit over the images.
+
+    Args:
+        values: (M, U) activations of M images for U units.
+        own: (M,) int, the column of each image's own unit.
+
+    Returns:
+        (M,) int32 in [1, U]; 1 when the own unit has the highest z-score.
+    """
+    values = jnp.asarray(values)
+    z = (values - values.mean(0)) / (values.std(0) + 1e-8)
+    mine = jnp.take_along_axis(z, jnp.asarray(own)[:, None], axis=1)
+    return np.asarray(1 + jnp.sum(z > mine, axis=1), np.int32)
+
+
+def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.1, seed=0, batch_size=16):
+    """Median over `draws` of objective(transformed image) / objective(image).
+
+    Args:
+        images: (M, H, W, C) float32 in fvis' [-1, 1] space.
+        units: (M,) int, the unit of each image.
+        jitter: shifts of up to +-jitter pixels; scale: rescaling by 1 +- scale.
+
+    Returns:
+        (M,) float64; NaN where the objective as is is <= 0 (no meaningful fraction).
+        Image i's draws come from `fold_in(key(seed), i)`.
+    """
+    weights = forward.weights()
+    move = transforms.compose([transforms.jitter(jitter), transforms.random_scale((1 - scale, 1 + scale))])
+
+    def one(w, image, unit, index):
+        base = _values(forward, objective, w, image, unit[None])[0]
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), draws)
+        moved = jax.vmap(lambda k: _values(forward, objective, w, move(k, image), unit[None])[0])(keys)
+        return jnp.where(base > 0, jnp.median(moved / base), jnp.nan)
+
+    fn = jax.jit(jax.vmap(one, (None, 0, 0, 0)))
+    arrays = [np.asarray(images, np.float32), np.asarray(units, np.int32), np.arange(len(images), dtype=np.int32)]
+    return map_batches(lambda *a: fn(weights, *a), arrays, max(1, batch_size // draws)).astype(np.float64)
+
+
+def spectral_slope(image):
+    """Slope of the radially averaged power spectrum of ONE image, on log-log axes.
+
+    The image is averaged over channels, its mean removed and a Hann window applied;
+    power is averaged in rings one frequency step wide (1 / min(H, W) cycles per
+    pixel) and a line is fitted to log power against log frequency from the lowest
+    non-zero ring to the Nyquist frequency.
+
+    Args:
+        image: (H, W, C) float array, any range (the slope is scale-invariant).
+
+    Returns:
+        float32 scalar: about 0 for white noise, -2 for a 1/f amplitude spectrum.
+    """
+    h, w = image.shape[:2]
+    x = jnp.mean(image, axis=-1)
+    x = (x - jnp.mean(x)) * (jnp.hanning(h)[:, None] * jnp.hanning(w)[None, :])
+    power = jnp.abs(jnp.fft.fft2(x)) ** 2
+    fy, fx = np.fft.fftfreq(h)[:, None], np.fft.fftfreq(w)[None, :]
+    rings = np.rint(np.sqrt(fy ** 2 + fx ** 2) * min(h, w)).astype(np.int32).ravel()
+    top = min(h, w) // 2
+    sums = jax.ops.segment_sum(power.ravel(), rings, num_segments=top + 1)
+    counts = np.bincount(rings, minlength=top + 1)[: top + 1]
+    log_f = np.log(np.arange(1, top + 1, dtype=np.float64)).astype(np.float32)
+    log_p = jnp.log(sums[1:] / counts[1:] + 1e-30)
+    dx = log_f - log_f.mean()
+    return jnp.sum(dx * (log_p - log_p.mean())) / jnp.sum(dx * dx)
+
+
+def spectral_slopes(images):
+    """(M, H, W, C) -> (M,) float64 spectral slopes (see `spectral_slope`)."""
+    return np.asarray(jax.jit(jax.vmap(spectral_slope))(jnp.asarray(images, jnp.float32)), np.float64)
+
+
+def load_photos(folder, image_size, *, channels=3):
+    """The photos of a folder, centre-cropped and resized, in fvis' [-1, 1] space.
+
+    Returns:
+        (names, images): sorted file names and (M, H, W, channels) float32.
+
+    Raises:
+        MissingFileError: no folder, or no image in it.
+    """
+    paths = photo_paths(folder, purpose="the natural-image comparison (quality.natural_images)")
+    return [p.name for p in paths], np.stack([load_photo(p, image_size, channels=channels) for p in paths])
+
+
+def _finite(x):
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _median(values):
+    values = np.asarray([v for v in values if v is not None], np.float64)
+    return float(np.median(values)) if len(values) else None
+
+
+def measure(forward, objective, units, images, *, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
+            top_k=3, batch_size=16):
+    """The quality report of a job's images.
+
+    Args:
+        forward: the job's `fvis.render.Forward` (`job.forward`).
+        objective: the job's `Objective`.
+        units: (N,) int unit indices; images: (N, D, H, W, C) float32 in [-1, 1] space.
+        natural: optional (names, photos (M, H, W, C)) from `load_photos`.
+        draws, jitter, scale, seed: robustness settings (see `robustness`).
+        top_k: photos listed per unit.
+
+    Returns:
+        (records, summary): N*D dicts in unit-major order with "activation",
+        "selectivity_rank" (None for an objective without units), "robustness",
+        "spectral_slope" and, with photos, "natural_ratio" and "top_natural"; and the
+        run's summary ("rank1_fraction", "robustness_median", "spectral_slope_median",
+        "activation_median", ["natural_ratio_median"], and the settings).
+    """
+    units, images = np.asarray(units), np.asarray(images, np.float32)
+    n, d = images.shape[:2]
+    flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
+    values = unit_values(forward, objective, flat, units, batch_size=batch_size)
+    activation = values[np.arange(n * d), own]
+    takes_units = objective.num_units(forward.shapes()) is not None
+    ranks = selectivity_ranks(values, own) if takes_units else [None] * (n * d)
+    robust = robustness(forward, objective, flat, units[own], draws=draws, jitter=jitter, scale=scale, seed=seed,
+                        batch_size=batch_size)
+    slopes = spectral_slopes(flat)
+    records = [{"activation": _finite(a), "selectivity_rank": None if r is None else int(r),
+                "robustness": _finite(b), "spectral_slope": _finite(s)}
+               for a, r, b, s in zip(activation, ranks, robust, slopes)]
+    summary = {
+        "rank1_fraction": float(np.mean(np.asarray(ranks) == 1)) if takes_units else None,
+        "robustness_median": _median(r["robustness"] for r in records),
+        "spectral_slope_median": _median(slopes),
+        "activation_median": _median(activation),
+        "settings": {"draws": draws, "jitter_px": jitter, "scale": scale, "seed": seed},
+    }
+    if natural is not None:
+        _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size)
+    return records, summary
+
+
+def _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size):
+    names, photos = natural
+    values = unit_values(forward, objective, photos, units, batch_size=batch_size)  # (M, N)
+    best = values.max(axis=0)
+    order = np.argsort(-values, axis=0, kind="stable")[:top_k]
+    for record, column, a in zip(records, own, activation):
+        record["natural_ratio"] = _finite(a / best[column]) if best[column] > 0 else None
+        record["top_natural"] = [{"name": names[m], "activation": float(values[m, column])} for m in order[:, column]]
+    summary["natural_ratio_median"] = _median(r["natural_ratio"] for r in records)
+    summary["natural_images"] = len(names)

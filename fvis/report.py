@@ -1,0 +1,125 @@
+"""The quality report of a run: figures merged into results.json and an HTML page.
+
+`report.html` sits next to `grid.png` and references the run's own files by
+relative paths (grid, per-filter tiles, thumbnails of the top natural photos
+under `natural/`), so it opens in any browser without a server, and keeps working
+when the run folder is copied elsewhere.
+"""
+
+import html
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+
+from fvis import images as images_lib
+from fvis.outputs import atomic_write_bytes, atomic_write_json
+
+_THUMB = 96  # pixels, the longer side of a natural-photo thumbnail
+
+_SUMMARY_ROWS = [
+    ("rank1_fraction", "images whose own unit ranks first (selectivity)", "{:.3f}"),
+    ("robustness_median", "median robustness (activation after +-8 px, +-10 % / as is)", "{:.3f}"),
+    ("spectral_slope_median", "median spectral slope (photos about -2 to -3, noise 0)", "{:.2f}"),
+    ("activation_median", "median activation reached", "{:.4g}"),
+    ("natural_ratio_median", "median activation / best natural photo's", "{:.3f}"),
+]
+
+
+def merge(summary, records, quality_summary):
+    """Adds the quality figures to a results.json dict, in place, and returns it.
+
+    Each `summary["filters"][i]` gets `"quality": records[i]`; the run gets
+    `summary["quality"] = quality_summary`.
+    """
+    for record, figures in zip(summary["filters"], records, strict=True):
+        record["quality"] = figures
+    summary["quality"] = quality_summary
+    return summary
+
+
+def write(folder, summary, records, quality_summary, *, natural=None):
+    """Merges the figures into results.json, writes photo thumbnails and report.html.
+
+    Args:
+        folder: the run folder (holding grid.png and filters/).
+        summary: the dict `fvis.outputs.write_run` returned.
+        records, quality_summary: from `fvis.quality.measure`.
+        natural: the (names, photos) that were measured, or None.
+
+    Returns:
+        The updated summary (also written to results.json).
+    """
+    folder = Path(folder)
+    merge(summary, records, quality_summary)
+    if natural is not None:
+        _write_thumbnails(folder / "natural", *natural)
+    atomic_write_json(folder / "results.json", summary)
+    atomic_write_bytes(folder / "report.html", page(summary).encode())
+    return summary
+
+
+def _write_thumbnails(folder, names, photos):
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, photo in zip(names, photos):
+        tile = images_lib.deprocess(photo, crop=0, mode="clip")
+        step = max(1, max(tile.shape[:2]) // _THUMB)
+        images_lib.save_png(folder / f"{name}.png", tile[::step, ::step])
+
+
+def _number(value, fmt="{:.3g}"):
+    return "&ndash;" if value is None else fmt.format(value)
+
+
+def _sparkline(curve, width=120, height=32):
+    """An inline SVG polyline of a loss curve (the objective per step)."""
+    y = np.asarray(curve, np.float64)
+    if len(y) < 2 or not np.all(np.isfinite(y)):
+        return ""
+    span = (y.max() - y.min()) or 1.0
+    points = " ".join(f"{i * width / (len(y) - 1):.1f},{height - (v - y.min()) / span * height:.1f}"
+                      for i, v in enumerate(y))
+    return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'<polyline fill="none" stroke="#36c" stroke-width="1.5" points="{points}"/></svg>')
+
+
+def _filter_row(record):
+    q = record.get("quality", {})
+    photos = "".join(
+        f'<figure><img src="natural/{html.escape(quote(p["name"]))}.png" alt="{html.escape(p["name"])}">'
+        f'<figcaption>{html.escape(p["name"])} {p["activation"]:.3g}</figcaption></figure>'
+        for p in q.get("top_natural", []))
+    cells = [f'<img class="tile" src="{html.escape(record["png"])}" alt="unit {record["unit"]}">',
+             f'{record["unit"]}' + (f' ({record["image"]})' if record.get("image") else ""),
+             _number(q.get("activation")), _number(q.get("selectivity_rank"), "{}"),
+             _number(q.get("robustness"), "{:.3f}"), _number(q.get("spectral_slope"), "{:.2f}"),
+             _number(q.get("natural_ratio"), "{:.3f}"), _sparkline(record.get("loss_curve", [])), photos]
+    return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+
+
+def page(summary):
+    """The HTML text of report.html for a results.json dict that holds quality figures."""
+    q = summary.get("quality", {})
+    title = html.escape(f'{summary.get("model", "")}: {summary.get("objective", "")}')
+    facts = "".join(f"<tr><th>{html.escape(label)}</th><td>{_number(q.get(key), fmt)}</td></tr>"
+                    for key, label, fmt in _SUMMARY_ROWS if key in q)
+    timings = summary.get("timings", {})
+    facts += "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.1f}</td></tr>" for k, v in timings.items())
+    rows = "\n".join(_filter_row(r) for r in summary["filters"])
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fvis report: {title}</title>
+<style>
+body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: collapse; }}
+td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }}
+img.grid {{ max-width: 100%; }} img.tile {{ width: 96px; }} figure {{ display: inline-block; margin: 0 4px; }}
+figure img {{ width: 64px; }} figcaption {{ font-size: 70%; }}
+</style></head><body>
+<h1>{title}</h1>
+<table>{facts}</table>
+<h2>Grid</h2><img class="grid" src="grid.png" alt="grid of all images">
+<h2>Per filter</h2>
+<table><tr><th>image</th><th>unit</th><th>activation</th><th>selectivity rank</th><th>robustness</th>
+<th>spectral slope</th><th>/ best photo</th><th>objective per step</th><th>top natural photos</th></tr>
+{rows}
+</table></body></html>
+"""
