@@ -39,7 +39,11 @@ HEADER = """# seed, maco and lucid presets on real weights (issue 4)
 Made by `python experiments/quality_compare.py` (figures: experiments/results/quality_compare.json).
 The same 64 filters (0-63) of each layer, seed 0, one process per run (`fvis ...`, see the script),
 on 2 shared CPU cores. Selectivity, robustness and slope as defined in the README's "Picture quality";
-"/ best photo" is the activation over the highest activation of the 2 photos in ../shared/images.
+"/ best photo" is the activation over the highest activation of the 2 photos in ../shared/images;
+"dead units" never moved (zero gradient from the start) and keep gray tiles. The times come from
+the code before the CPU defaults of the benchmark work (these runs used 16 filters per `lax.scan`
+chunk; fvis now runs 1 filter per compiled step on a CPU, measured faster), with other jobs
+sharing the 2 cores.
 
 """
 ORDER = [("mobilenet_0.25", "seed"), ("mobilenet_0.25", "maco"), ("mobilenet_0.25", "lucid"),
@@ -65,17 +69,19 @@ def row(model, preset):
             "rank1_fraction": q["rank1_fraction"], "robustness_median": q["robustness_median"],
             "spectral_slope_median": q["spectral_slope_median"], "activation_median": q["activation_median"],
             "natural_ratio_median": q.get("natural_ratio_median"), "compile_s": t["compile_s"],
-            "optimize_s": t["optimize_s"], "quality_s": t.get("quality_s"), "total_s": t["total_s"]}
+            "optimize_s": t["optimize_s"], "quality_s": t.get("quality_s"), "total_s": t["total_s"],
+            "dead_filters": len(results.get("dead_filters", [])), "batch_size": results.get("batch_size"),
+            "loop": results.get("loop", "scan")}
 
 
 def table(rows):
-    head = ("| model (layer) | image | preset | steps | rank-1 selectivity | robustness (median) | spectral slope (median) "
-            "| activation (median) | / best photo (median) | optimise s | total s |")
-    lines = [head, "|" + "---|" * 11]
+    head = ("| model (layer) | image | preset | steps | rank-1 selectivity | dead units | robustness (median) "
+            "| spectral slope (median) | activation (median) | / best photo (median) | optimise s | total s |")
+    lines = [head, "|" + "---|" * 12]
     for r in rows:
         size = "x".join(str(v) for v in r["image_size"])
         lines.append(f"| {r['model']} ({r['layer']}) | {size} | {r['preset']} | {r['steps']} | {r['rank1_fraction']:.3f} "
-                     f"| {r['robustness_median']:.3f} | {r['spectral_slope_median']:.2f} | {r['activation_median']:.3g} "
+                     f"| {r['dead_filters']} | {r['robustness_median']:.3f} | {r['spectral_slope_median']:.2f} | {r['activation_median']:.3g} "
                      f"| {r['natural_ratio_median']:.3g} | {r['optimize_s']:.0f} | {r['total_s']:.0f} |")
     return "\n".join(lines)
 
