@@ -35,17 +35,40 @@ def deprocess(image, *, crop=25, mode="seed"):
     """
     x = np.asarray(image, np.float64)
     h, w = x.shape[:2]
-    if crop < 0 or 2 * crop >= min(h, w):
-        raise InvalidValueError(f"crop={crop} leaves no pixels of a {h}x{w} image; use 0 <= crop < "
-                                f"{(min(h, w) + 1) // 2}. Received: crop={crop}")
+    check_display((h, w), crop=crop, mode=mode)
     if mode == "seed":
         x = (x - x.mean()) / (x.std() + 1e-5) * 0.15
-    elif mode == "clip":
-        x = (x + 1.0) * 0.5 - 0.5
     else:
-        raise InvalidValueError(f"Unknown display mode '{mode}'; use 'seed' or 'clip'. Received: mode='{mode}'")
+        x = (x + 1.0) * 0.5 - 0.5
     x = x[crop: h - crop, crop: w - crop] + 0.5
     return (np.clip(x, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+DISPLAY_MODES = ("seed", "clip")
+
+
+def check_display(image_size, *, crop=25, mode="seed", margin=5):
+    """Checks display settings against the image size, so a job can refuse them before it computes.
+
+    Args:
+        image_size: (H, W) of the optimised images.
+        crop, mode, margin: as in `deprocess` and `grid`.
+
+    Raises:
+        InvalidValueError: naming the setting, the value received and what is allowed:
+            crop and margin must be integers, 0 <= crop < min(H, W) / 2, margin >= 0,
+            and mode one of DISPLAY_MODES.
+    """
+    h, w = image_size
+    for name, value in (("crop", crop), ("margin", margin)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+            raise InvalidValueError(f"display.{name} must be an integer >= 0 (pixels). Received: {name}={value!r}")
+    if 2 * crop >= min(h, w):
+        raise InvalidValueError(f"crop={crop} leaves no pixels of a {h}x{w} image; use 0 <= crop < "
+                                f"{(min(h, w) + 1) // 2} (display.crop). Received: crop={crop}")
+    if mode not in DISPLAY_MODES:
+        raise InvalidValueError(f"Unknown display mode '{mode}'; use 'seed' or 'clip' (display.mode). "
+                                f"Received: mode='{mode}'")
 
 
 def grid(tiles, *, margin=5, cols=None):

@@ -56,15 +56,27 @@ def get_layer(model, path):
     return current
 
 
+def _only_call(outer, layer):
+    """The one node (call) of `layer` in `outer`'s graph.
+
+    Raises:
+        InvalidTypeError: `layer` is called several times (a shared layer or sub-model):
+            which call's output to visualize would be ambiguous.
+    """
+    own = _graph(outer)._nodes
+    nodes = [n for i, n in enumerate(layer._inbound_nodes) if make_node_key(layer, i) in own]
+    if len(nodes) != 1:
+        kind = "Sub-model" if _is_model(layer) else "Layer"
+        raise InvalidTypeError(
+            f"{kind} '{layer.name}' is called {len(nodes)} times in '{outer.name}' (a shared layer), so its "
+            f"output is ambiguous; fvis can only visualize layers called exactly once. Choose a layer that "
+            f"follows one of the calls.")
+    return nodes[0]
+
+
 def _feeding_tensors(outer, sub):
     """The symbolic tensors that feed sub-model `sub` in `outer`'s graph."""
-    own = _graph(outer)._nodes
-    nodes = [n for i, n in enumerate(sub._inbound_nodes) if make_node_key(sub, i) in own]
-    if len(nodes) != 1:
-        raise InvalidTypeError(
-            f"Sub-model '{sub.name}' is called {len(nodes)} times in '{outer.name}'; fvis can "
-            "only reach layers of a sub-model called exactly once.")
-    tensors = nodes[0].input_tensors
+    tensors = _only_call(outer, sub).input_tensors
     return tensors[0] if len(tensors) == 1 else tensors
 
 
@@ -79,7 +91,8 @@ def _output_of(model, parts, x):
     """Output of the layer at `parts` when `model` is applied to symbolic `x`."""
     layer = model.get_layer(parts[0])
     if len(parts) == 1:
-        return _cut(model, layer.output)(x)
+        outputs = _only_call(model, layer).output_tensors
+        return _cut(model, outputs[0] if len(outputs) == 1 else outputs)(x)
     feed = _cut(model, _feeding_tensors(model, layer))(x)
     return _output_of(layer, parts[1:], feed)
 
@@ -99,7 +112,8 @@ def feature_extractor(model, paths, image_size):
 
     Raises:
         UnknownNameError: an unknown path.
-        InvalidTypeError: a model with several inputs, or a sub-model used twice.
+        InvalidTypeError: a model with several inputs, or a layer or sub-model called
+            more than once (shared).
         InvalidValueError: the layers up to `paths` do not accept `image_size`.
     """
     for path in paths:

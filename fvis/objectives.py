@@ -21,6 +21,7 @@ terms: they receive the stacked activations (D, ...) of the D images of a unit.
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from fvis.errors import InvalidTypeError, InvalidValueError
 from fvis.numerics import safe_norm
@@ -116,8 +117,11 @@ def _feature_map_check(layer, kind, border=0):
     return check
 
 
-def _any_rank_check(layer):
-    return lambda shapes: tuple(shapes[layer])[-1]
+def _check_border(border):
+    if isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0:
+        raise InvalidValueError(f"border must be an integer >= 0 (activation-map pixels excluded on each side). "
+                                f"Received: border={border!r}")
+    return int(border)
 
 
 def _interior(act, border):
@@ -133,7 +137,11 @@ def channel(layer, *, border=2):
             uses 2 to avoid border effects).
 
     Unit: the channel index, in [0, c).
+
+    Raises:
+        InvalidValueError: border is not an integer >= 0.
     """
+    border = _check_border(border)
     return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border)[..., unit]),
                      layers=[layer], checks=[_feature_map_check(layer, "channel", border)],
                      name=f"channel({layer})")
@@ -144,17 +152,44 @@ def neuron(layer, *, position=None):
 
     Args:
         layer: layer path; a feature map (h, w, c) or a vector (c,).
-        position: (y, x) in the activation map; the centre (h // 2, w // 2) by default.
+        position: (y, x) in the activation map, 0 <= y < h and 0 <= x < w; the centre
+            (h // 2, w // 2) by default. Only for feature maps.
 
     Unit: the channel index, in [0, c).
+
+    Raises:
+        InvalidValueError: position is not two integers, or (when the layer's shape is
+            checked, before any compute) lies outside the map or is given for a vector.
     """
+    if position is not None:
+        try:
+            ok = len(position) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                            for v in position)
+        except TypeError:
+            ok = False
+        if not ok:
+            raise InvalidValueError(f"position must be two integers [y, x] in the activation map. "
+                                    f"Received: position={position!r}")
+        position = tuple(int(v) for v in position)
+
+    def check(shapes):
+        shape = tuple(shapes[layer])
+        if position is not None and len(shape) != 3:
+            raise InvalidValueError(f"position applies to feature maps; layer '{layer}' outputs shape {shape}. "
+                                    f"Leave position unset (null) for a vector.")
+        if position is not None and not (0 <= position[0] < shape[0] and 0 <= position[1] < shape[1]):
+            raise InvalidValueError(f"position {list(position)} lies outside layer '{layer}''s {shape[0]}x{shape[1]} "
+                                    f"map; use 0 <= y < {shape[0]}, 0 <= x < {shape[1]}. "
+                                    f"Received: position={list(position)}")
+        return shape[-1]
+
     def fn(acts, unit):
         act = acts[layer]
         if act.ndim == 1:
             return act[unit]
         y, x = position if position is not None else (act.shape[0] // 2, act.shape[1] // 2)
         return act[y, x, unit]
-    return Objective(fn, layers=[layer], checks=[_any_rank_check(layer)], name=f"neuron({layer})")
+    return Objective(fn, layers=[layer], checks=[check], name=f"neuron({layer})")
 
 
 def class_logit(layer):
@@ -180,7 +215,11 @@ def deepdream(layer, *, border=0):
 
     Takes no unit: every requested unit gives an image of the same objective
     (from its own random start).
+
+    Raises:
+        InvalidValueError: border is not an integer >= 0.
     """
+    border = _check_border(border)
     return Objective(lambda acts, unit: jnp.mean(jnp.square(_interior(acts[layer], border))),
                      layers=[layer], checks=[lambda shapes: None], name=f"deepdream({layer})")
 
@@ -196,6 +235,7 @@ def direction(layer, vectors, *, border=2):
 
     Unit: the row of `vectors`, in [0, K).
     """
+    border = _check_border(border)
     vectors = jnp.asarray(vectors, jnp.float32)
     if vectors.ndim != 2:
         raise InvalidValueError(f"direction vectors must be a (K, channels) array. "

@@ -123,6 +123,13 @@ class ChunkStore:
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
+    def remove_beyond(self, count):
+        """Deletes chunk files with an index >= count: left by an earlier job with more chunks."""
+        for path in self.folder.glob("chunk_*.npz"):
+            index = path.stem.removeprefix("chunk_")
+            if index.isdigit() and int(index) >= count:
+                path.unlink()
+
 
 def tiles(result, *, crop=25, mode="seed"):
     """Deprocessed uint8 tiles of a `Result`, unit-major: (N*D) tiles.
@@ -155,11 +162,12 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
     all_tiles = tiles(result, crop=crop, mode=mode)
     images_lib.save_png(folder / "grid.png", images_lib.grid(all_tiles, margin=margin))
     n, d = result.final.shape
-    records = []
+    records, names = [], set()
     for i, unit in enumerate(result.units):
         for j in range(d):
             name = f"filter_{unit:04d}.png" if d == 1 else f"filter_{unit:04d}_{j}.png"
             images_lib.save_png(folder / "filters" / name, all_tiles[i * d + j])
+            names.add(name)
             records.append({
                 "unit": int(unit), "image": j, "png": f"filters/{name}",
                 "final": float(result.final[i, j]), "dead": bool(result.dead[i, j]),
@@ -169,7 +177,17 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
         units=result.units, images=result.images, curves=result.curves, final=result.final))
     summary = {"config": config, **meta, "filters": records}
     atomic_write_json(folder / "results.json", summary)
+    _remove_stale(folder, names)
     return summary
+
+
+def _remove_stale(folder, names):
+    """Removes what an earlier, different run left in the folder: tiles of other units, and
+    report.html (it describes an older results.json; a quality step writes a new one)."""
+    for path in (folder / "filters").glob("filter_*.png"):
+        if path.name not in names:
+            path.unlink()
+    (folder / "report.html").unlink(missing_ok=True)
 
 
 _NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that change no optimised value
@@ -187,7 +205,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
         folder: the output folder.
         config: the resolved config (JSON-able dict) with a "display" entry or not.
         meta: JSON-able facts that identify the job (model, objective, layer, ...).
-        display: dict of `write_run`'s crop, mode and margin.
+        display: dict of `write_run`'s crop, mode and margin, checked before the job runs.
         progress: passed to `job.run`.
         finish: None, or a function (job, result, folder, summary) -> summary run after the
             files are written that may add to them (the cli's quality report).
@@ -195,6 +213,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
     """
+    images_lib.check_display(job.image_shape[:2], **display)  # before any compute
     key = {"config": {k: v for k, v in config.items() if k not in _NOT_RESULTS}, "meta": meta,
            "batch_size": job.batch_size}
     store = ChunkStore(folder, fingerprint(key))
@@ -206,6 +225,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     if finish is not None:
         summary = finish(job, result, folder, summary)
     store.remove_temporaries()
+    store.remove_beyond(len(job.chunks()))
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
              "chunks": {"total": len(job.chunks()), **store.stats()}}
     return summary, facts

@@ -164,7 +164,8 @@ def natural_magnitude(paths, height, width, channels=3, *, decorrelate=True):
     total = np.zeros((height, width, channels), np.float64)
     for path in paths:
         photo = load_photo(path, (height, width), channels=channels)
-        photo = np.asarray(rgb_to_decorrelated(jnp.asarray(photo))) if decorrelate else photo
+        if decorrelate and channels == 3:  # numpy, not jnp: this runs while `to_image` is being traced
+            photo = photo @ np.linalg.inv(_COLOR.T)
         total += np.abs(np.fft.fft2(photo - photo.mean(axis=(0, 1)), axes=(0, 1)))
     return (total / len(paths)).astype(np.float32)
 

@@ -98,13 +98,16 @@ def _filter_row(record):
 
 
 def page(summary):
-    """The HTML text of report.html for a results.json dict that holds quality figures."""
+    """The HTML text of report.html for a results.json dict that holds quality figures.
+
+    It holds no timings (they are in results.json), so a re-run writes the same bytes.
+    """
     q = summary.get("quality", {})
     title = html.escape(f'{summary.get("model", "")}: {summary.get("objective", "")}')
     facts = "".join(f"<tr><th>{html.escape(label)}</th><td>{_number(q.get(key), fmt)}</td></tr>"
                     for key, label, fmt in _SUMMARY_ROWS if key in q)
-    timings = summary.get("timings", {})
-    facts += "".join(f"<tr><th>{html.escape(k)}</th><td>{v:.1f}</td></tr>" for k, v in timings.items())
+    dead = summary.get("dead_filters", [])
+    facts += f"<tr><th>dead units (never moved; gray tiles)</th><td>{len(dead)}</td></tr>" if dead else ""
     rows = "\n".join(_filter_row(r) for r in summary["filters"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fvis report: {title}</title>

@@ -11,6 +11,9 @@ import numpy as np
 from fvis.errors import InvalidTypeError, InvalidValueError, UnitIndexError
 
 
+_MAX_INDEX = np.iinfo(np.int32).max  # indices travel as int32
+
+
 def _parse_slice(text):
     parts = text.split(":")
     if len(parts) not in (2, 3):
@@ -51,6 +54,12 @@ def parse_units(spec, num_units):
                     start, stop, step = _parse_slice(text)
                     if stop is None and num_units is None:
                         raise ValueError(text)
+                    if any(v is not None and v < 0 for v in (start, stop)):
+                        raise UnitIndexError(f"filters='{spec}' has a negative bound; slices count from 0 "
+                                             f"({valid}). Received: filters='{spec}'")
+                    if num_units is None and stop > _MAX_INDEX:
+                        raise UnitIndexError(f"filters='{spec}' reaches index {stop - 1}; indices must be "
+                                             f"<= {_MAX_INDEX}. Received: filters='{spec}'")
                     indices = list(range(num_units or stop)[slice(start, stop, step)])
                     if start is not None and num_units is not None and start >= num_units:
                         raise UnitIndexError(f"filters='{spec}' starts at {start}, but the layer has "
@@ -84,9 +93,9 @@ def check_units(indices, num_units, spec=None):
     shown = spec if spec is not None else indices
     if not indices:
         raise InvalidValueError(f"No filters selected. Received: filters={shown!r}")
-    out = [i for i in indices if i < 0 or (num_units is not None and i >= num_units)]
+    out = [i for i in indices if i < 0 or i > _MAX_INDEX or (num_units is not None and i >= num_units)]
     if out:
-        valid = f"0..{num_units - 1}" if num_units else ">= 0"
+        valid = f"0..{num_units - 1}" if num_units else f"0..{_MAX_INDEX}"
         raise UnitIndexError(f"Filter index {out[0]} is out of range: the layer has {num_units} units, "
                              f"valid indices are {valid}. Received: filters={shown!r}")
     counts = collections.Counter(indices)

@@ -168,7 +168,8 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         images_per_unit: D images per unit from different starts (for diversity), >= 1.
         seed: int; unit u's random start depends on (seed, u) only.
         loop: "scan" (all steps in one compiled call), "host" (a compiled step called
-            from Python), or "auto" (the backend's measured best); see `fvis.chunks`.
+            from Python), or "auto" (the backend's measured best for this kind of model,
+            see `fvis.devices.auto_loop`); see `fvis.chunks`.
         precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
             objective and gradient stay float32; see `fvis.render.Forward`).
         devices: the devices to shard units over; default all of `jax.devices()`.
@@ -192,6 +193,9 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
                                f"Received: {type(objective).__name__}")
     steps = check_positive_int("steps", steps)
     images_per_unit = check_positive_int("images_per_unit", images_per_unit)
+    if objective.group_fn is not None and images_per_unit < 2:
+        raise InvalidValueError(f"{objective.name} has a group term (diversity) that compares a unit's images; "
+                                f"it needs images_per_unit >= 2. Received: images_per_unit={images_per_unit}")
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise InvalidValueError(f"seed must be an integer. Received: seed={seed!r}")
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
@@ -202,7 +206,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     if batch_size == "auto":
         batch_size = devices_lib.auto_batch_size(len(units), mesh.size)
     batch_size = devices_lib.round_up(min(check_positive_int("batch_size", batch_size), len(units)), mesh.size)
-    loop = chunks_lib.check_loop(devices_lib.auto_setting("loop") if loop == "auto" else loop)
+    loop = chunks_lib.check_loop(devices_lib.auto_loop(model.model) if loop == "auto" else loop)
     devices_lib.use_compilation_cache(compilation_cache)
     image_shape = (*model.image_size, model.channels)
     renderer = make_renderer(

@@ -166,6 +166,7 @@ def test_traces_do_not_grow_with_filters_chunks_or_steps():
     (["model=resnet50v2", "model.weights=null", "image_size=[16,16]"], "Input size must be at least 32x32"),
     (["model=resnet50v2", "model.name=ResNet51"], "Did you mean 'ResNet50'"),
     (["model=mobilenet"], "Missing mandatory value: model.weights"),
+    (["experiment=lucid"], "crop=16 leaves no pixels of a 32x32 image"),  # the preset's crop, the tiny model's size
 ])
 def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path):
     proc = run_cli(*(["model=tiny"] if not args[0].startswith("model=") else []), *args,
@@ -174,6 +175,46 @@ def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path
     errors = [line for line in proc.stderr.splitlines() if line.startswith("fvis: error:")]
     assert len(errors) == 1 and message in errors[0], proc.stderr
     assert not (tmp_path / "run" / "chunks").exists()
+
+
+@pytest.mark.parametrize("display, message", [
+    ({"crop": 16}, "crop=16 leaves no pixels of a 32x32 image"),
+    ({"crop": 2.5}, "display.crop must be an integer >= 0"),
+    ({"margin": -1}, "display.margin must be an integer >= 0"),
+    ({"mode": "xyz"}, "Unknown display mode 'xyz'"),
+])
+def test_display_settings_are_refused_before_compute(tiny, tmp_path, display, message):
+    job = fvis.prepare(tiny, "conv2", "0:2", steps=1)
+    before = render.TRACE_COUNT["render"]
+    with pytest.raises(InvalidValueError, match=message):
+        outputs.run_and_write(job, tmp_path, config={}, meta={}, display={"crop": 2, "mode": "seed", "margin": 5,
+                                                                           **display})
+    assert render.TRACE_COUNT["render"] == before and not (tmp_path / "chunks").exists()
+
+
+@pytest.mark.parametrize("make, kwargs, message", [
+    (lambda: objectives.neuron("conv2", position=(100, 100)), {}, r"position \[100, 100\] lies outside .*32x32"),
+    (lambda: objectives.neuron("conv2", position=(-1, 0)), {}, r"lies outside.*0 <= y < 32"),
+    (lambda: objectives.neuron("conv2", position=[1]), {}, r"two integers \[y, x\].*Received: position=\[1\]"),
+    (lambda: objectives.neuron("logits", position=(0, 0)), {}, "position applies to feature maps"),
+    (lambda: objectives.channel("conv2", border=-1), {}, "border must be an integer >= 0.*border=-1"),
+    (lambda: objectives.channel("conv2", border=1.5), {}, "border=1.5"),
+    (lambda: objectives.deepdream("conv2", border=-2), {}, "border=-2"),
+    (lambda: objectives.channel("conv2") + objectives.diversity("conv2"), {"images_per_unit": 1},
+     "needs images_per_unit >= 2"),
+])
+def test_objective_settings_out_of_range_are_refused_before_compute(tiny, make, kwargs, message):
+    before = render.TRACE_COUNT["render"]
+    with pytest.raises(InvalidValueError, match=message):
+        fvis.prepare(tiny, make(), "0:2", **kwargs)
+    assert render.TRACE_COUNT["render"] == before
+
+
+def test_neuron_position_picks_that_position(tiny):
+    job = fvis.prepare(tiny, objectives.neuron("conv2", position=(3, 5)), [1])
+    image = np.random.default_rng(0).uniform(-0.1, 0.1, (32, 32, 3)).astype(np.float32)
+    acts = job.forward(job.forward.weights(), image)
+    assert float(job.objective(acts, 1)) == float(acts["conv2"][3, 5, 1])
 
 
 def test_weights_file_for_another_architecture_is_refused(tmp_path, tiny):

@@ -50,3 +50,14 @@ def test_sequential_without_input_is_built_from_image_size():
     vis_model = models.wrap(seq, image_size=(20, 24), channels=1)
     result = fvis.visualize(vis_model, "r", "all", steps=2, progress=False)
     assert result.images.shape == (4, 1, 20, 24, 1)
+
+
+def test_a_shared_layer_called_twice_is_refused_not_read_at_its_first_call():
+    inputs = keras.Input((16, 16, 3))
+    shared = keras.layers.Conv2D(3, 3, padding="same", name="shared")
+    x = shared(keras.layers.Conv2D(3, 3, padding="same", name="first")(inputs))
+    outputs = keras.layers.GlobalAveragePooling2D()(shared(x))
+    model = keras.Model(inputs, outputs)
+    with pytest.raises(InvalidTypeError, match="Layer 'shared' is called 2 times .* shared layer"):
+        layers.feature_extractor(model, ["shared"], (16, 16))
+    assert layers.feature_extractor(model, ["first"], (16, 16)).outputs[0].shape == (None, 16, 16, 3)

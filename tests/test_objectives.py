@@ -92,5 +92,6 @@ def test_layer_checks_name_the_problem(tiny):
         fvis.prepare(tiny, obj.channel("logits"), [0])
     with pytest.raises(InvalidValueError, match="5 entries, layer 'conv2' has 16 channels"):
         fvis.prepare(tiny, obj.direction("conv2", np.ones((2, 5))), [0])
-    job = fvis.prepare(tiny, obj.channel("conv2") - 0.1 * reg.total_variation() + obj.diversity("conv1"), "all")
+    job = fvis.prepare(tiny, obj.channel("conv2") - 0.1 * reg.total_variation() + obj.diversity("conv1"), "all",
+                       images_per_unit=2)
     assert len(job.units) == 16  # regularizers and diversity take no unit; the channel sets the count

@@ -104,6 +104,15 @@ def test_maco_magnitude_from_a_folder(tmp_path):
     np.testing.assert_allclose(p.to_image(theta), expected, atol=1e-5)
 
 
+@pytest.mark.parametrize("channels", [3, 1])
+def test_maco_magnitude_from_a_folder_works_inside_jit(tmp_path, channels):
+    p = params.maco(magnitude=str(write_photos(tmp_path / "photos")))  # the render loop traces to_image
+    theta = p.init(jax.random.key(0), (16, 12, channels))
+    traced = jax.jit(p.to_image)(theta)
+    assert traced.shape == (16, 12, channels)
+    np.testing.assert_allclose(traced, p.to_image(theta), atol=1e-5)
+
+
 def test_bad_settings_are_named(tmp_path):
     with pytest.raises(MissingFileError, match="magnitude=null"):
         params.maco(magnitude=str(tmp_path / "nowhere"))

@@ -66,6 +66,20 @@ def test_auto_settings_follow_the_backend_table():
     assert devices.auto_setting("loop", "cpu") in chunks.LOOPS
 
 
+def test_auto_loop_on_cpu_is_scan_for_models_with_depthwise_convolutions(tiny):
+    import keras
+    inputs = keras.Input((16, 16, 3))
+    inner = keras.Sequential([keras.Input((16, 16, 4)), keras.layers.DepthwiseConv2D(3)], name="backbone")
+    nested = keras.Model(inputs, inner(keras.layers.Conv2D(4, 1)(inputs)))
+    grouped = keras.Model(inputs, keras.layers.Conv2D(4, 3, groups=2)(keras.layers.Conv2D(4, 1)(inputs)))
+    assert not devices.has_grouped_convolutions(tiny.model)
+    assert devices.has_grouped_convolutions(nested) and devices.has_grouped_convolutions(grouped)
+    assert devices.auto_loop(tiny.model, "cpu") == devices.AUTO["cpu"]["loop"] == "host"
+    assert devices.auto_loop(nested, "cpu") == "scan" and devices.auto_loop(tiny.model, "gpu") == "scan"
+    job = fvis.prepare(fvis.models.wrap(nested, input_space="unit"), "backbone/depthwise_conv2d", [0], steps=1)
+    assert job.loop == devices.auto_loop(nested)
+
+
 def test_auto_batch_size_is_used_by_prepare(tiny):
     job = fvis.prepare(tiny, "conv3", "all", steps=1)
     assert job.batch_size == devices.auto_batch_size(32, 1) and job.loop == devices.auto_setting("loop")

@@ -27,7 +27,7 @@ def _content(path):
     if path.name != "results.json":
         return path.read_bytes()
     summary = json.loads(path.read_text())
-    assert set(summary.pop("timings", {})) <= {"compile_s", "optimize_s"}
+    assert set(summary.pop("timings", {})) <= {"compile_s", "optimize_s", "quality_s"}
     return json.dumps(summary, indent=2).encode()
 
 
@@ -135,6 +135,15 @@ def test_display_settings_reuse_chunks_but_compute_settings_do_not(tmp_path):
     assert record["chunks"]["reused"] == 3
     _, record = cli.run(composed(*TINY, "steps=2", "lr=5"), tmp_path)
     assert record["chunks"]["reused"] == 0 and record["chunks"]["recomputed_bad"] == [0, 1, 2]
+
+
+def test_a_smaller_job_in_a_used_folder_leaves_no_stale_tiles_chunks_or_report(tmp_path):
+    cli.run(composed(*TINY, "steps=2", "filters=0:6", "batch_size=2"), tmp_path)
+    assert (tmp_path / "report.html").exists() and len(list((tmp_path / "filters").iterdir())) == 6
+    summary, _ = cli.run(composed(*TINY, "steps=2", "filters=0:2", "batch_size=2", "quality.enabled=false"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "filters").iterdir()) == ["filter_0000.png", "filter_0001.png"]
+    assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk_00000.npz"]
+    assert not (tmp_path / "report.html").exists() and len(summary["filters"]) == 2
 
 
 def test_failed_attempt_is_recorded_and_cleared_by_a_later_success(tmp_path):

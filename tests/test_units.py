@@ -26,10 +26,21 @@ def test_specs(spec, expected):
     ("a:b", InvalidValueError, "start:stop"),
     (1.5, InvalidTypeError, "filters must be"),
     ([0, True], InvalidTypeError, "integers"),
+    ("-100:", UnitIndexError, "negative bound"),
+    (":-2", UnitIndexError, "negative bound"),
 ])
 def test_bad_specs(spec, error, message):
     with pytest.raises(error, match=message):
         parse_units(spec, 8)
+
+
+@pytest.mark.parametrize("spec, message", [
+    ([3_000_000_000], "Filter index 3000000000 is out of range.*0..2147483647"),
+    ("0:3000000000", "indices must be <= 2147483647"),
+])
+def test_indices_beyond_int32_are_refused_for_objectives_without_units(spec, message):
+    with pytest.raises(UnitIndexError, match=message):
+        parse_units(spec, None)
 
 
 def test_index_checked_against_layer_before_compile(tiny):
