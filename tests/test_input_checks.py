@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 import fvis
-from fvis import cli, devices, images, models, params, quality, transforms
+from fvis import cli, devices, images, models, params, quality, summary, transforms
 from fvis.errors import InvalidValueError, MissingFileError
 from fvis.visualize import Job
 
@@ -196,3 +196,26 @@ def test_unwritable_run_folder_prints_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "Traceback" not in proc.stderr
     assert f"fvis: error: hydra.run.dir: cannot create the folder '{tmp_path / 'file' / 'run'}'" in proc.stderr
+
+
+@pytest.mark.parametrize("name, text", [
+    ("run.json", "[1, 2]"), ("run.json", "{not json"), ("run.json", '{"attempts": {"a": 1}}'),
+    ("run.json", '{"attempts": [{"timings": [1]}]}'), ("results.json", '"a string"'), ("error.json", "[]"),
+])
+def test_summary_lists_a_job_with_malformed_records_as_unreadable(tmp_path, name, text):
+    good, bad = tmp_path / "lr=1", tmp_path / "lr=2"
+    for job in (good, bad):
+        job.mkdir()
+        (job / "run.json").write_text(json.dumps({"status": "done", "attempts": [{"status": "done"}]}))
+    (bad / name).write_text(text)
+    rows = {row["job"]: row for row in summary.write_summary(tmp_path)}
+    assert rows["lr=1"]["status"] == "done"
+    assert rows["lr=2"]["status"] == "unreadable" and rows["lr=2"]["error"].startswith(f"{name} is unreadable")
+    assert "unreadable" in (tmp_path / "summary.html").read_text()
+
+
+def test_summary_command_survives_a_malformed_run_json(tmp_path, capsys):
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "run.json").write_text('[{"status": "done"}]')
+    assert summary.main([str(tmp_path)]) == 0
+    assert "1 jobs" in capsys.readouterr().out
