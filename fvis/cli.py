@@ -9,6 +9,7 @@ the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
 """
 
 import hashlib
+import inspect
 import logging
 import platform
 import re
@@ -19,10 +20,11 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import InstantiationException
+from hydra.experimental.callback import Callback
 from hydra.types import RunMode
-from hydra.utils import instantiate
+from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 from tqdm.auto import tqdm
 
 import fvis
@@ -31,7 +33,7 @@ from fvis.chunks import check_loop
 from fvis.errors import FvisError, InvalidValueError
 from fvis.models import _check_image_size
 from fvis.render import check_precision
-from fvis.visualize import check_positive_int
+from fvis.visualize import check_positive_int, check_seed
 
 _MAX_DIR = 120
 
@@ -57,6 +59,7 @@ def _check_scalars(cfg):
     """Checks the plain config values before anything is loaded or compiled."""
     check_positive_int("steps", cfg.steps)
     check_positive_int("images_per_unit", cfg.images_per_unit)
+    check_seed(cfg.seed)
     if cfg.batch_size != "auto":
         check_positive_int("batch_size", cfg.batch_size)
     optim.check_learning_rate(cfg.lr)
@@ -64,7 +67,18 @@ def _check_scalars(cfg):
         check_positive_int("quality.draws", cfg.quality.draws)
     if cfg.image_size is not None:
         _check_image_size(cfg.image_size)
+    _check_layer_names(cfg)
+    for group in ("model", "objective", "param", "transform", "optimizer"):
+        _check_arg_types(cfg.get(group), group)
     _performance(cfg)
+
+
+def _check_layer_names(cfg):
+    """`layer` (and the objective's) is one layer name; a whole-model job lists its layers in `layers`."""
+    for key, value in (("layer", _given(cfg, "layer")), ("objective.layer", _given(cfg.objective, "layer"))):
+        if value is not None and not isinstance(value, str):
+            raise InvalidValueError(f"{key} must be one layer name (a string); for several layers use "
+                                    f"layers=[...]. Received: {key}={value}")
 
 
 def _performance(cfg):
@@ -74,14 +88,86 @@ def _performance(cfg):
     return {"loop": cfg.loop, "precision": check_precision(cfg.precision), "compilation_cache": cfg.compilation_cache}
 
 
+def _given(node, key):
+    """`node[key]`, or None when absent or not set yet (`???`, directly or through an interpolation):
+    instantiating the node reports those, with the key to set."""
+    try:
+        return node.get(key)
+    except (MissingMandatoryValue, InterpolationResolutionError):
+        return None
+
+
+def _check_arg_types(node, key):
+    """Each value given to a `_target_` factory has the type of the factory's default for it (the
+    signature is the schema): a string where a number goes would otherwise fail only when traced."""
+    if OmegaConf.is_list(node):
+        for i in range(len(node)):
+            _check_arg_types(node[i], f"{key}.{i}")
+    if not OmegaConf.is_dict(node):
+        return
+    defaults = _defaults(node.get("_target_"))
+    for name in (n for n in node if not n.startswith("_")):
+        value, default = _given(node, name), defaults.get(name)
+        if value is None:
+            continue
+        kind = _kind_needed(default, value)
+        if kind:
+            raise InvalidValueError(f"{key}.{name} must be {kind}, like its default {default!r} in "
+                                    f"{node._target_}. Received: {key}.{name}={value!r}")
+        _check_arg_types(value, f"{key}.{name}")
+
+
+def _defaults(target):
+    try:
+        parameters = inspect.signature(get_object(target)).parameters.values() if target else ()
+    except (ImportError, AttributeError, TypeError, ValueError):
+        return {}  # instantiate reports an unknown target
+    return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
+
+
+def _kind_needed(default, value):
+    """What `value` should be, given a bool, int or float `default`; None when it fits or nothing is known."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "true or false"
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(default, int):
+        return None if number and isinstance(value, int) else "an integer"
+    if isinstance(default, float):
+        return None if number else "a number"
+    return None
+
+
 def _instantiate(node, **kwargs):
+    """`instantiate(node, **kwargs)`; a factory's own error (FvisError, or a TypeError/ValueError
+    from a value of the wrong type) becomes one line naming the config group."""
     try:
         return instantiate(node, **kwargs)
     except InstantiationException as e:
         cause = e.__cause__
         if isinstance(cause, FvisError):
             raise cause
+        if isinstance(cause, (TypeError, ValueError)):
+            raise InvalidValueError(_build_error(e, node, kwargs)) from e
         raise
+
+
+def _build_error(exc, node, kwargs):
+    """The line "group: could not build target(key=value, ...): cause" for Hydra's InstantiationException."""
+    target = re.search(r"target '([^']+)'", str(exc))
+    full_key = re.search(r"full_key: (\S+)", str(exc))
+    key = full_key.group(1) if full_key else str(node._key())
+    inner = key.split(".", 1)[1] if "." in key else None  # a node inside `node` (e.g. transform.transforms.0)
+    try:
+        part = OmegaConf.select(node, inner) if inner else node
+        args = {k: v for k, v in OmegaConf.to_container(part, resolve=True).items() if not k.startswith("_")}
+    except (OmegaConfBaseException, AttributeError, ValueError):
+        args = {}
+    if not inner:
+        args.update(kwargs)
+    call = ", ".join(f"{k}={v!r}" for k, v in args.items())
+    call = call if len(call) <= 160 else call[:157] + "..."
+    return (f"{key}: could not build {target.group(1) if target else '?'}({call}): {exc.__cause__}. "
+            f"Check the values given to {key}.")
 
 
 def run(cfg, out_dir):
@@ -231,18 +317,48 @@ def _user_message(exc):
     return None
 
 
+class RunFolderCheck(Callback):
+    """Checks that the run's (or sweep's) folder can be created before Hydra makes it, so an
+    unwritable `hydra.run.dir` is one line (exit 2) rather than Hydra's traceback."""
+
+    def on_run_start(self, config, **kwargs):
+        _check_folder("hydra.run.dir", config.hydra.run.dir)
+
+    def on_multirun_start(self, config, **kwargs):
+        _check_folder("hydra.sweep.dir", config.hydra.sweep.dir)
+
+
+def _check_folder(key, folder):
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        print(f"fvis: error: {key}: cannot create the folder '{folder}' ({type(e).__name__}: {e.strerror or e}). "
+              f"Pass a folder you can write to. Received: {key}={folder}", file=sys.stderr)
+        sys.exit(2)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")
 def main(cfg):
-    """Hydra entry point.
-
-    A bad input prints one line and exits with status 2. In a multirun, a job that
-    fails is recorded in its folder (error.json) and the sweep goes on; the sweep
-    callback (`fvis.sweep`) reports failed jobs at the end.
-    """
+    """Hydra entry point (see `run_command` for what it prints and its exit status)."""
     hydra_cfg = HydraConfig.get()
-    out_dir, in_sweep = hydra_cfg.runtime.output_dir, hydra_cfg.mode == RunMode.MULTIRUN
+    run_command(cfg, hydra_cfg.runtime.output_dir, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+
+
+def run_command(cfg, out_dir, *, in_sweep=False):
+    """Runs one job of the command and reports it on the terminal.
+
+    A bad input prints one line and exits with status 2; Ctrl-C prints one line and
+    exits with status 130 (run.json says "interrupted"; the finished chunks are kept,
+    and the same command resumes). In a multirun, a job that fails is recorded in its
+    folder (error.json) and the sweep goes on; the sweep callback (`fvis.sweep`)
+    reports failed jobs at the end.
+    """
     try:
         summary, record = run(cfg, out_dir)
+    except KeyboardInterrupt:
+        print(f"fvis: interrupted; finished chunks are saved in {out_dir}, run the same command again to resume",
+              file=sys.stderr)
+        sys.exit(130)
     except Exception as e:
         message = _user_message(e)
         if message is None and not in_sweep:

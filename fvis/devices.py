@@ -112,7 +112,8 @@ def use_compilation_cache(setting=True):
         The cache folder in use (a `Path`), or None.
 
     Raises:
-        InvalidValueError: a setting that is neither a bool nor a path.
+        InvalidValueError: a setting that is neither a bool nor a path, or a folder that
+            cannot be created.
     """
     if setting is None or setting is False:
         return None
@@ -124,7 +125,12 @@ def use_compilation_cache(setting=True):
     else:
         raise InvalidValueError(f"compilation_cache must be true, false or a folder path. "
                                 f"Received: compilation_cache={setting!r}")
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InvalidValueError(f"compilation_cache: cannot create the folder '{folder}' ({type(e).__name__}: "
+                                f"{e.strerror or e}). Pass a folder you can write to, true (the default folder) "
+                                f"or false (no cache). Received: compilation_cache={setting!r}") from e
     # Keras' weight initializers compile ~30 small programs when a model is built (23 s of
     # ResNet50V2's 28 s build on a busy 2-core CPU), each under JAX's 1 s default threshold.
     threshold = jax.config.jax_persistent_cache_min_compile_time_secs

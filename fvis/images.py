@@ -113,19 +113,25 @@ def save_png(path, array):
 
 
 def load_png(path):
-    """Reads a PNG as uint8 (H, W, C), C = 1 for grayscale, 3 for colour."""
-    image = Image.open(path)
-    array = np.asarray(image.convert("L" if image.mode in ("L", "I;16", "I") else "RGB"))
+    """Reads a PNG as uint8 (H, W, C), C = 1 for grayscale, 3 for colour (16-bit files scaled to 8 bits)."""
+    image = _open(path)
+    array = np.asarray(_convert(image, "L" if image.mode == "L" or image.mode.startswith("I") else "RGB"))
     return array[..., None] if array.ndim == 2 else array
 
 
 def load_photo(path, image_size, *, channels=3):
     """Loads a photo, centre-cropped to a square, resized to (H, W), in fvis' [-1, 1] space.
 
+    Values are scaled by the file's bit depth: 8-bit and 16-bit (PNG) files of the same
+    picture give the same array.
+
     Returns:
         (H, W, channels) float32 in [-1, 1].
+
+    Raises:
+        MissingFileError: the file cannot be read as an image; the message names it.
     """
-    image = Image.open(path).convert("L" if channels == 1 else "RGB")
+    image = _convert(_open(path), "L" if channels == 1 else "RGB")
     w, h = image.size
     s = min(w, h)
     image = image.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
@@ -134,16 +140,49 @@ def load_photo(path, image_size, *, channels=3):
     return array / 127.5 - 1.0
 
 
+def _open(path, *, check_only=False, purpose=None):
+    """The decoded image in `path`, or MissingFileError naming the file (and `purpose`).
+
+    With `check_only`, only the header and (PNG) checksums are read and None is returned.
+    """
+    try:
+        image = Image.open(path)
+        if check_only:
+            image.verify()
+            image.close()
+            return None
+        image.load()
+        return image
+    except (OSError, ValueError, SyntaxError) as e:  # PIL.UnidentifiedImageError is an OSError
+        needed = f", needed for {purpose}" if purpose else ""
+        raise MissingFileError(f"Cannot read '{path}' as an image{needed} ({type(e).__name__}: {e}). Remove it "
+                               f"from its folder or replace it with a readable {'/'.join(PHOTO_SUFFIXES)} file. "
+                               f"Received: '{path}'") from e
+
+
+def _convert(image, mode):
+    """`image` in `mode` ("L" or "RGB"); integer modes ("I;16" PNGs, "I") are scaled from 16 bits, not clipped."""
+    if image.mode.startswith("I"):
+        scaled = np.asarray(image, np.float64) * (255.0 / 65535.0)
+        image = Image.fromarray(np.clip(np.round(scaled), 0, 255).astype(np.uint8))
+    return image.convert(mode)
+
+
 def photo_paths(folder, *, purpose="natural images"):
     """The image files (PHOTO_SUFFIXES) directly in `folder`, sorted by name.
 
+    Every file is opened and checked (header, PNG checksums), so a corrupt one is
+    reported here, before any compute, rather than when it is decoded.
+
     Raises:
-        MissingFileError: `folder` is not a folder or holds no image file; the message
-            says what the photos are for (`purpose`).
+        MissingFileError: `folder` is not a folder, holds no image file, or holds a file
+            that is not a readable image; the message says what the photos are for (`purpose`).
     """
     folder = Path(folder).expanduser()
     paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in PHOTO_SUFFIXES) if folder.is_dir() else []
     if not paths:
         raise MissingFileError(f"No images ({', '.join(PHOTO_SUFFIXES)}) found in '{folder}', needed for "
                                f"{purpose}. Pass a folder of photos. Received: '{folder}'")
+    for path in paths:
+        _open(path, check_only=True, purpose=purpose)
     return paths

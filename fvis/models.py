@@ -51,7 +51,8 @@ class VisModel:
     """A Keras model and how fvis images map into its input.
 
     Attributes:
-        model: a built `keras.Model` (Functional or Sequential), channels_last.
+        model: a built `keras.Model` (Functional or Sequential) whose input is channels_last
+            with 1 or 3 channels, (batch, H, W, 1|3); checked on construction.
         input_space: a key of `INPUT_SPACES`.
         image_size: (H, W) the optimised images have, in pixels.
         name: a label for outputs.
@@ -61,6 +62,9 @@ class VisModel:
     input_space: str
     image_size: tuple
     name: str
+
+    def __post_init__(self):
+        _check_channels_last(self.model, self.name)
 
     @property
     def channels(self):
@@ -73,14 +77,42 @@ class VisModel:
 
 
 def _check_image_size(image_size):
+    """(H, W) from exactly two positive integers; a string, a float or a third value is refused."""
+    values = None if isinstance(image_size, (str, bytes)) else _as_list(image_size)
+    if (values is None or len(values) != 2
+            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values)):
+        raise InvalidValueError(f"image_size must be two positive integers [height, width], e.g. [180, 180]. "
+                                f"Received: image_size={image_size!r}")
+    return int(values[0]), int(values[1])
+
+
+def _as_list(values):
     try:
-        h, w = (int(v) for v in image_size)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"image_size must be two positive integers [height, width]. "
-                                f"Received: image_size={image_size!r}") from None
-    if h < 1 or w < 1:
-        raise InvalidValueError(f"image_size must be positive. Received: image_size={image_size!r}")
-    return h, w
+        return list(values)
+    except TypeError:
+        return None
+
+
+_CHANNELS_HINT = ("fvis takes channels-last images with 1 (grayscale) or 3 (RGB) channels: "
+                  "an input of shape (batch, H, W, 1) or (batch, H, W, 3).")
+
+
+def _check_channel_count(channels):
+    if channels not in (1, 3) or isinstance(channels, bool):
+        raise InvalidValueError(f"{_CHANNELS_HINT} Received: channels={channels!r}")
+    return channels
+
+
+def _check_channels_last(model, name):
+    """Refuses a model whose first input is not (batch, H, W, 1|3), before anything is compiled."""
+    shape = tuple(model.inputs[0].shape)
+    if len(shape) == 4 and shape[-1] in (1, 3):
+        return
+    first = len(shape) == 4 and shape[1] in (1, 3)
+    hint = (" It looks channels_first: rebuild it with data_format='channels_last' and keras.Input((H, W, C))."
+            if first else "")
+    raise InvalidValueError(f"Model '{name}' takes input shape {shape}, but {_CHANNELS_HINT}{hint} "
+                            f"Received: input_shape={shape}")
 
 
 def _check_space(input_space):
@@ -136,15 +168,16 @@ def wrap(model, *, input_space="tf", image_size=None, channels=None, name=None):
         image_size: (H, W) of the optimised images; by default the model's own input
             size. Required when the model does not fix one (spatial size None, or a
             Sequential without `Input`).
-        channels: image channels, when the model does not say (Sequential without
-            Input); default 3.
+        channels: image channels, 1 or 3, when the model does not say (Sequential
+            without Input); default 3.
         name: label for outputs; defaults to `model.name`.
 
     Returns:
         A `VisModel`.
 
     Raises:
-        InvalidValueError, UnknownNameError, InvalidTypeError: bad arguments.
+        InvalidValueError: bad arguments, or a model whose input is not (batch, H, W, 1|3).
+        UnknownNameError, InvalidTypeError: bad arguments.
     """
     _check_space(input_space)
     if image_size is None:
@@ -155,7 +188,7 @@ def wrap(model, *, input_space="tf", image_size=None, channels=None, name=None):
                 "Sequential without keras.Input); pass image_size=(H, W) (and channels= for a Sequential "
                 "without Input). Received: image_size=None")
     image_size = _check_image_size(image_size)
-    channels = channels or _input_channels(model)
+    channels = _check_channel_count(channels) if channels is not None else _input_channels(model)
     model = _ensure_built(model, image_size, channels)
     return VisModel(model, input_space, image_size, name or model.name)
 
@@ -308,6 +341,7 @@ def tiny_convnet(*, image_size=(32, 32), channels=3, width=8, seed=0):
         seed: initialisation seed; the same seed gives the same weights.
     """
     h, w = _check_image_size(image_size)
+    _check_channel_count(channels)
     keras.utils.set_random_seed(seed)
     L = keras.layers
     inputs = keras.Input((h, w, channels), name="image")

@@ -4,10 +4,11 @@
 
 A job is a folder holding run.json, results.json, error.json or Hydra's
 .hydra/overrides.yaml; finished, failed and incomplete (killed) jobs are all
-listed. Columns: the job's command-line overrides, its status, filter counts and
-mean final objective, the timings of its last attempt, every numeric entry of
-results.json's "quality", and (HTML only) a thumbnail of its grid. The page is
-self-contained: open it from disk and click a column header to sort.
+listed, and a job whose records are malformed as "unreadable". Columns: the
+job's command-line overrides, its status, filter counts and mean final objective,
+the timings of its last attempt, every numeric entry of results.json's "quality",
+and (HTML only) a thumbnail of its grid. The page is self-contained: open it from
+disk and click a column header to sort.
 """
 
 import argparse
@@ -49,9 +50,35 @@ def _overrides(job):
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}  # Hydra escapes : , = in sweeps
 
 
-def _status(run, results, error):
+def _status(run, results, error, problems=()):
+    if problems:
+        return "unreadable"
     status = (run or {}).get("status") or ("done" if results else "failed" if error else "incomplete")
     return "incomplete" if status == "running" else status
+
+
+def _records(job):
+    """([run, results, error], problems): each file's JSON object, None when absent or malformed,
+    and a sentence for each file present that is not valid JSON or not the object fvis writes."""
+    records, problems = [], []
+    for name in ("run.json", "results.json", "error.json"):
+        data = read_json(job / name)
+        if (job / name).exists() and not _well_formed(name, data):
+            kind = "not valid JSON" if data is None else f"a JSON {type(data).__name__}, not an fvis record"
+            problems.append(f"{name} is unreadable ({kind})")
+            data = None
+        records.append(data)
+    return records, problems
+
+
+def _well_formed(name, data):
+    if not isinstance(data, dict):
+        return False
+    if name != "run.json":
+        return True  # results.json's figures are read defensively (`_counts`, `_numeric`)
+    attempts = data.get("attempts", [])
+    return (isinstance(data.get("status", ""), str) and isinstance(attempts, list)
+            and all(isinstance(a, dict) and isinstance(a.get("timings") or {}, dict) for a in attempts))
 
 
 def _counts(results):
@@ -77,7 +104,7 @@ def _counts_of(results):
 def _numeric(entries, prefix):
     """Numeric entries of a dict, nested dicts flattened as "prefix.key.subkey"."""
     flat = {}
-    for key, value in (entries or {}).items():
+    for key, value in (entries if isinstance(entries, dict) else {}).items():
         name = f"{prefix}.{key}"
         if isinstance(value, dict):
             flat.update(_numeric(value, name))
@@ -87,19 +114,24 @@ def _numeric(entries, prefix):
 
 
 def job_row(job, folder):
-    """One job's row: a dict of column -> value (str, number or None)."""
-    run, results, error = (read_json(job / name) for name in ("run.json", "results.json", "error.json"))
+    """One job's row: a dict of column -> value (str, number or None).
+
+    A job whose run.json, results.json or error.json is malformed (not JSON, or not the
+    object fvis writes) gets the status "unreadable", and the error column says which.
+    """
+    (run, results, error), problems = _records(job)
     last = ((run or {}).get("attempts") or [{}])[-1]
     filters, dead, mean_final = _counts(results)
     image = next((p for p in ("grid.png", "atlas.png") if (job / p).exists()), None)
     link = "index.html" if (job / "index.html").exists() else image
-    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error),
+    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error, problems),
             "overrides": _overrides(job), "n_filters": filters, "n_dead": dead, "final_mean": mean_final,
             **{t: (last.get("timings") or {}).get(t) for t in _TIMINGS},
             "attempts": len((run or {}).get("attempts", [])),
             "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
             "quality": _numeric((results or {}).get("quality"), "quality"),
-            "error": (error or {}).get("message", last.get("error")), "image": image, "link": link}
+            "error": "; ".join(problems) or (error or {}).get("message", last.get("error")),
+            "image": image, "link": link}
 
 
 def _columns(rows):
@@ -157,7 +189,7 @@ _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse
           "th,td{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
           "th{background:#eee;cursor:pointer;position:sticky;top:0}td.n{text-align:right}"
           "img{max-width:160px;max-height:160px;image-rendering:pixelated}"
-          "tr.failed{background:#fdd}tr.incomplete,tr.interrupted{background:#ffe8c0}")
+          "tr.failed,tr.unreadable{background:#fdd}tr.incomplete,tr.interrupted{background:#ffe8c0}")
 
 
 def _shared(rows, overrides):

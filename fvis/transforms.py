@@ -13,6 +13,7 @@ pixels that come from outside the image with `fill`, 0 by default: gray in fvis'
 """
 
 import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -50,6 +51,14 @@ def _check(name, value, low=0.0):
     return value
 
 
+def _check_fill(fill):
+    """`fill` is a pixel value: any finite number (0 is gray in fvis' [-1, 1] space)."""
+    if not (isinstance(fill, numbers.Real) and not isinstance(fill, bool) and math.isfinite(fill)):
+        raise InvalidValueError(f"fill must be a number, the value of pixels from outside the image (0.0: gray, "
+                                f"-1.0: black, 1.0: white). Received: fill={fill!r}")
+    return float(fill)
+
+
 def _check_range(name, value, low):
     try:
         a, b = (float(v) for v in value)
@@ -80,7 +89,7 @@ def _warp(image, matrix, offset, fill):
 
 def jitter(pixels, *, fill=0.0):
     """Shifts the image by a whole number of pixels in [-pixels, pixels] along each axis."""
-    d = int(_check("jitter pixels", pixels))
+    d, fill = int(_check("jitter pixels", pixels)), _check_fill(fill)
 
     def apply(key, image):
         padded = jnp.pad(image, ((d, d), (d, d), (0, 0)), constant_values=fill)
@@ -96,7 +105,7 @@ def pad(pixels, *, fill=0.0):
     The model's input size is fixed, so instead of growing the canvas the image is
     resized to (H - 2*pixels, W - 2*pixels) and framed. Deterministic (the key is unused).
     """
-    p = int(_check("pad pixels", pixels))
+    p, fill = int(_check("pad pixels", pixels)), _check_fill(fill)
 
     def apply(key, image):
         h, w, c = image.shape
@@ -112,7 +121,7 @@ def random_affine(*, scales=(1.0, 1.0), degrees=0.0, fill=0.0):
     """Zooms and rotates about the centre in one resampling: a factor drawn uniformly from
     [min, max] of `scales` (> 1 zooms in) and an angle from [-degrees, degrees]."""
     low, high = _check_range("scales", scales, 0.0)
-    limit = math.radians(_check("degrees", degrees))
+    limit, fill = math.radians(_check("degrees", degrees)), _check_fill(fill)
 
     def apply(key, image):
         scale_key, angle_key = jax.random.split(key)
@@ -144,7 +153,7 @@ def random_crop(size=(0.5, 1.0), *, center_std=0.15, fill=0.0):
             per axis; parts of the box outside the image read `fill`.
     """
     low, high = _check_range("crop size", size, 0.0)
-    center_std = _check("center_std", center_std)
+    center_std, fill = _check("center_std", center_std), _check_fill(fill)
 
     def apply(key, image):
         size_key, centre_key = jax.random.split(key)

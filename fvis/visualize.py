@@ -62,6 +62,17 @@ def check_positive_int(name, value, minimum=1):
     return int(value)
 
 
+MAX_SEED = 2**32 - 1  # JAX's keys keep 32 bits of the seed (without jax_enable_x64): larger seeds repeat
+
+
+def check_seed(seed):
+    """Returns int(seed) or raises InvalidValueError: seeds are integers in [0, MAX_SEED]."""
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise InvalidValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX keeps 32 bits of a seed). "
+                                f"Received: seed={seed!r}")
+    return int(seed)
+
+
 @dataclasses.dataclass
 class Job:
     """A checked, ready-to-compile job (see `prepare`)."""
@@ -166,7 +177,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         batch_size: units per compiled chunk, or "auto" (the backend's measured best,
             see `fvis.devices.AUTO`); rounded up to a multiple of the device count.
         images_per_unit: D images per unit from different starts (for diversity), >= 1.
-        seed: int; unit u's random start depends on (seed, u) only.
+        seed: int in [0, 2**32 - 1]; unit u's random start depends on (seed, u) only.
         loop: "scan" (all steps in one compiled call), "host" (a compiled step called
             from Python), or "auto" (the backend's measured best for this kind of model,
             see `fvis.devices.auto_loop`); see `fvis.chunks`.
@@ -196,8 +207,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     if objective.group_fn is not None and images_per_unit < 2:
         raise InvalidValueError(f"{objective.name} has a group term (diversity) that compares a unit's images; "
                                 f"it needs images_per_unit >= 2. Received: images_per_unit={images_per_unit}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise InvalidValueError(f"seed must be an integer. Received: seed={seed!r}")
+    seed = check_seed(seed)
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
     forward = Forward(feature_extractor(model.model, layers, model.image_size), tuple(layers),
                       model.to_model_input, check_precision(precision), devices_lib.auto_setting("cpu_ops"))
@@ -212,7 +222,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
         optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape)
-    return Job(forward, objective, units, batch_size, images_per_unit, steps, int(seed), renderer, image_shape,
+    return Job(forward, objective, units, batch_size, images_per_unit, steps, seed, renderer, image_shape,
                loop, mesh)
 
 

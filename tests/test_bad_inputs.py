@@ -125,7 +125,7 @@ def test_neuron_objective_works_on_vector_layers(tiny, layer):
 
 
 def test_flatten_output_takes_a_neuron_objective():
-    x = keras.Input((8, 8, 2))
+    x = keras.Input((8, 8, 1))  # fvis takes 1 or 3 channels
     y = keras.layers.Conv2D(3, 3, name="c")(x)
     y = keras.layers.Flatten(name="flat")(y)
     vis_model = models.wrap(keras.Model(x, y))
