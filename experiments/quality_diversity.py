@@ -3,7 +3,7 @@
     python experiments/quality_diversity.py
 
 EfficientNet-Lite0 (block4c_add), units 0 and 7, 4 images each, the lucid recipe at
-128x128 for 256 steps, with diversity weights 0, 0.5, 10 and 50 (see conf/objective/diversity.yaml).
+128x128 for 256 steps, with diversity weights 0, 10 and 100 (see conf/objective/diversity.yaml).
 Prints the mean pairwise cosine similarity of the images' Gram matrices and each
 image's activation; writes the grids to experiments/runs/quality_diversity/ and the
 figures to experiments/results/quality_diversity.json.
@@ -22,7 +22,7 @@ from fvis import objectives as O, params, transforms
 
 ROOT = Path(__file__).resolve().parents[1]
 LAYER, UNITS, D, STEPS, SIZE = "block4c_add", [0, 7], 4, 256, (128, 128)
-WEIGHTS = (0.0, 0.5, 10.0, 50.0)
+WEIGHTS = (0.0, 10.0, 100.0)
 
 
 def gram_similarity(acts):
@@ -53,7 +53,7 @@ def main():
             rows.append({"weight": weight, "unit": unit, "gram_similarity": gram_similarity(np.asarray(
                 acts_of(result.images[i]))), "channel_activation": channel_values[i * D: (i + 1) * D, i].tolist(),
                 "seconds": seconds})
-            print(rows[-1])
+            print(rows[-1], flush=True)
         tiles = fvis.outputs.tiles(result, crop=8, mode="clip")
         fvis.images.save_png(out / f"weight_{weight:g}.png", fvis.images.grid(tiles, cols=D))
     path = ROOT / "experiments" / "results" / "quality_diversity.json"

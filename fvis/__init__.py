@@ -1,8 +1,15 @@
 """fvis: feature visualization for Keras 3 models, batched and compiled with JAX."""
 
+from importlib import metadata as _metadata
+
 from fvis._backend import ensure_jax_backend as _ensure_jax_backend
 
 _ensure_jax_backend()
+
+try:
+    __version__ = _metadata.version("fvis")
+except _metadata.PackageNotFoundError:  # running from a source tree that was not installed
+    __version__ = "unknown"
 
 from fvis import (images, models, objectives, optim, outputs, params, quality, regularizers,  # noqa: E402
                   transforms)

@@ -52,7 +52,8 @@ def run_dir_name(override_dirname):
 
 
 OmegaConf.register_new_resolver("fvis_dir", run_dir_name, replace=True)
-logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # "no TPU" notices
+for _name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):  # "no TPU", "Resetting cache" notices
+    logging.getLogger(_name).setLevel(logging.WARNING)
 
 
 def _check_scalars(cfg):
@@ -281,7 +282,7 @@ def _merge_facts(parts):
 def _versions():
     import jax
     import keras
-    return {"fvis": getattr(fvis, "__version__", "dev"), "jax": jax.__version__, "keras": keras.__version__,
+    return {"fvis": fvis.__version__, "jax": jax.__version__, "keras": keras.__version__,
             "python": platform.python_version(), "device": str(jax.devices()[0].device_kind),
             "device_count": jax.device_count()}
 

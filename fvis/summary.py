@@ -230,7 +230,7 @@ def to_html(rows, title, base=""):
     common = " ".join(f"{k}={v}" for k, v in shared.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(rows)} jobs: {html.escape(status)}."
+            f"<p>{len(rows)} job{'' if len(rows) == 1 else 's'}: {html.escape(status)}."
             + (f" Every job: <code>{html.escape(common)}</code>." if common else "") +
             " Click a column header to sort.</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) +
@@ -268,7 +268,8 @@ def main(argv=None):
               f"multirun/<sweep> or outputs/.", file=sys.stderr)
         return 2
     rows = write_summary(args.folder, args.out)
-    print(f"fvis-summary: {len(rows)} jobs -> {Path(args.out or args.folder) / 'summary.html'}")
+    jobs = f"{len(rows)} job{'' if len(rows) == 1 else 's'}"
+    print(f"fvis-summary: {jobs} -> {Path(args.out or args.folder) / 'summary.html'}")
     return 0
 
 
