@@ -282,7 +282,10 @@ def diversity(layer):
     A group term, for `images_per_unit` > 1: the negated cosine similarity of the
     Gram matrices (style, as in Gatys et al. 2016) of `layer`'s activations, summed
     over ordered pairs of distinct images and divided by D, so it lies in
-    [-(D - 1), 0] for non-negative activations. Add it: `channel(l) + 0.1 * diversity(l)`.
+    [-(D - 1), 0] for non-negative activations. Add it: `channel(l) + 100 * diversity(l)`
+    (Lucid's weight; on EfficientNet-Lite0 block4c_add, 4 images per unit, weight 100 cut the
+    mean Gram similarity from 0.91-0.98 to 0.13 at 15-25 % less activation, weight 10 to
+    0.59-0.82 at none: experiments/results/quality_diversity.json).
 
     Args:
         layer: layer path (a feature map or a vector), or `INPUT` for the pixels.
