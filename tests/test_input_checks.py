@@ -218,4 +218,4 @@ def test_summary_command_survives_a_malformed_run_json(tmp_path, capsys):
     (tmp_path / "job").mkdir()
     (tmp_path / "job" / "run.json").write_text('[{"status": "done"}]')
     assert summary.main([str(tmp_path)]) == 0
-    assert "1 jobs" in capsys.readouterr().out
+    assert "fvis-summary: 1 job -> " in capsys.readouterr().out
