@@ -10,9 +10,10 @@ import keras
 import numpy as np
 import optax
 import pytest
+from hydra import compose, initialize_config_module
 
 import fvis
-from fvis import images, models, numerics, objectives, optim, outputs, params, regularizers, render, transforms
+from fvis import cli, images, models, numerics, objectives, optim, outputs, params, regularizers, render, transforms
 from fvis.errors import InvalidValueError, NonFiniteError
 
 
@@ -168,13 +169,17 @@ def test_traces_do_not_grow_with_filters_chunks_or_steps():
     (["model=mobilenet"], "Missing mandatory value: model.weights"),
     (["experiment=lucid"], "crop=16 leaves no pixels of a 32x32 image"),  # the preset's crop, the tiny model's size
 ])
-def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path):
-    proc = run_cli(*(["model=tiny"] if not args[0].startswith("model=") else []), *args,
-                   f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
-    assert proc.returncode == 2 and "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("fvis: error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr
-    assert not (tmp_path / "run" / "chunks").exists()
+def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path, capsys):
+    # in-process (cli.run_command is the command's body); tests/test_cli.py runs the real command
+    with initialize_config_module(config_module="fvis.conf", version_base="1.3"):
+        cfg = compose("config", overrides=[*(["model=tiny"] if not args[0].startswith("model=") else []), *args])
+    before = render.TRACE_COUNT["render"]
+    with pytest.raises(SystemExit) as exit_info:
+        cli.run_command(cfg, str(tmp_path / "run"))
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith("fvis: error:")
+    assert message in errors[0], errors
+    assert render.TRACE_COUNT["render"] == before and not (tmp_path / "run" / "chunks").exists()
 
 
 @pytest.mark.parametrize("display, message", [

@@ -93,8 +93,8 @@ def test_cli_bad_input_prints_one_line_without_traceback(tmp_path):
 
 
 def test_multirun_writes_one_folder_per_job(tmp_path):
-    proc = run_cli("-m", "model=tiny", "steps=2,3", "filters=0:2", f"hydra.sweep.dir={tmp_path / 'sweep'}",
-                   cwd=tmp_path)
+    proc = run_cli("-m", "model=tiny", "steps=2,3", "filters=0:2", "quality.enabled=false",
+                   f"hydra.sweep.dir={tmp_path / 'sweep'}", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     folders = sorted(p.parent for p in (tmp_path / "sweep").rglob("results.json"))
     assert len(folders) == 2

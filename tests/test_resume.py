@@ -15,6 +15,7 @@ import fvis
 from fvis import cli, outputs
 
 TINY = ["model=tiny", "filters=0:8", "batch_size=3"]  # 3 chunks: 3 + 3 + 2 (padded)
+FAST = [*TINY, "quality.enabled=false"]  # where the quality report is beside the point (it costs compiles)
 
 
 def composed(*overrides):
@@ -130,10 +131,10 @@ def test_chunks_of_another_config_are_recomputed(stored, tmp_path):
 
 
 def test_display_settings_reuse_chunks_but_compute_settings_do_not(tmp_path):
-    cli.run(composed(*TINY, "steps=2"), tmp_path)
-    _, record = cli.run(composed(*TINY, "steps=2", "display.crop=4", "display.mode=clip"), tmp_path)
+    cli.run(composed(*FAST, "steps=2"), tmp_path)
+    _, record = cli.run(composed(*FAST, "steps=2", "display.crop=4", "display.mode=clip"), tmp_path)
     assert record["chunks"]["reused"] == 3
-    _, record = cli.run(composed(*TINY, "steps=2", "lr=5"), tmp_path)
+    _, record = cli.run(composed(*FAST, "steps=2", "lr=5"), tmp_path)
     assert record["chunks"]["reused"] == 0 and record["chunks"]["recomputed_bad"] == [0, 1, 2]
 
 
@@ -152,7 +153,7 @@ def test_failed_attempt_is_recorded_and_cleared_by_a_later_success(tmp_path):
     error = json.loads((tmp_path / "error.json").read_text())
     assert error["type"] == "UnknownNameError" and "conv9" in error["message"] and "Traceback" in error["traceback"]
     assert attempts(tmp_path)[-1]["status"] == "failed"
-    cli.run(composed(*TINY, "steps=2"), tmp_path)
+    cli.run(composed(*FAST, "steps=2"), tmp_path)
     assert not (tmp_path / "error.json").exists()
     assert [a["status"] for a in attempts(tmp_path)] == ["failed", "done"]
 
@@ -191,6 +192,6 @@ def test_across_batch_sizes_filters_agree_to_float_rounding(wide):
 
 
 def test_resuming_with_another_batch_size_recomputes_every_chunk(tmp_path):
-    cli.run(composed(*TINY, "steps=2"), tmp_path)
-    _, record = cli.run(composed("model=tiny", "filters=0:8", "batch_size=4", "steps=2"), tmp_path)
+    cli.run(composed(*FAST, "steps=2"), tmp_path)
+    _, record = cli.run(composed(*FAST, "batch_size=4", "steps=2"), tmp_path)
     assert record["chunks"]["reused"] == 0 and record["chunks"]["recomputed_bad"] == [0, 1]

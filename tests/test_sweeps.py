@@ -15,6 +15,8 @@ from fvis.errors import InvalidValueError, UnitIndexError, UnknownNameError
 from fvis.sweep import sweep_dir
 from tests.test_resume import composed, product
 
+NO_QUALITY = ["quality.enabled=false"]  # the quality report has its own tests; it costs compiles per job
+TWO_LAYERS = ["model=tiny", "layers=[conv1,relu3]", "filters=0:12", "steps=2", "batch_size=16", *NO_QUALITY]
 TINY_MAPS = ["conv1", "bn1", "relu1", "conv2", "drop", "relu2", "pool", "conv3", "relu3"]
 
 
@@ -43,7 +45,7 @@ def test_filters_are_cut_to_each_layer():
 @pytest.fixture(scope="module")
 def whole_model(tmp_path_factory):
     folder = tmp_path_factory.mktemp("atlas")
-    summary_, record = cli.run(composed("model=tiny", "layers=[conv1,relu3]", "filters=0:12", "steps=2", "batch_size=16"), folder)
+    summary_, record = cli.run(composed(*TWO_LAYERS), folder)
     return folder, summary_, record
 
 
@@ -64,7 +66,7 @@ def test_whole_model_job_writes_a_folder_per_layer_and_an_atlas(whole_model):
 def test_whole_model_job_runs_again_from_its_chunks_to_the_same_files(whole_model):
     folder, _, _ = whole_model
     before = product(folder)
-    _, record = cli.run(composed("model=tiny", "layers=[conv1,relu3]", "filters=0:12", "steps=2", "batch_size=16"), folder)
+    _, record = cli.run(composed(*TWO_LAYERS), folder)
     assert record["chunks"]["reused"] == record["chunks"]["total"] == 2 and record["chunks"]["computed"] == 0
     assert product(folder) == before
 
@@ -130,11 +132,11 @@ def run_fvis(*args, cwd):
 
 @pytest.mark.slow
 def test_multirun_lists_every_job_keeps_going_past_a_failure_and_resumes(tmp_path):
-    sweep = ["-m", "model=tiny", "steps=2", "filters=0:3", "layer=conv1,conv9,relu2"]
+    sweep = ["-m", "model=tiny", "steps=2", "filters=0:3", "layer=conv1,conv9,relu2", *NO_QUALITY]
     first = run_fvis(*sweep, cwd=tmp_path)
     assert first.returncode == 1 and "Unknown layer 'conv9'" in first.stderr
     (folder,) = (tmp_path / "multirun").iterdir()
-    assert folder.name == "filters=0_3,layer=conv1,conv9,relu2,model=tiny,steps=2"
+    assert folder.name == "filters=0_3,layer=conv1,conv9,relu2,model=tiny,quality.enabled=false,steps=2"
     table = list(csv.DictReader((folder / "summary.csv").open()))
     assert [(r["layer"], r["status"]) for r in table] == [("conv1", "done"), ("conv9", "failed"), ("relu2", "done")]
     failed = folder / table[1]["job"]
@@ -154,7 +156,8 @@ def test_multirun_lists_every_job_keeps_going_past_a_failure_and_resumes(tmp_pat
 def test_joblib_launcher_runs_an_eight_job_grid(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
     proc = run_fvis("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/s",
-                    "model=tiny", "steps=2", "filters=0:2", "layer=conv1,conv2", "lr=1,5", "seed=0,1", cwd=tmp_path)
+                    "model=tiny", "steps=2", "filters=0:2", "layer=conv1,conv2", "lr=1,5", "seed=0,1", *NO_QUALITY,
+                    cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     table = list(csv.DictReader((tmp_path / "s" / "summary.csv").open()))
     assert len(table) == 8 and {r["status"] for r in table} == {"done"}
