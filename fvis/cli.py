@@ -30,10 +30,10 @@ from tqdm.auto import tqdm
 import fvis
 from fvis import atlas, devices, optim, outputs, quality, report
 from fvis.chunks import check_loop
-from fvis.errors import FvisError, InvalidValueError
+from fvis.errors import FvisError, InvalidValueError, check_positive_int
 from fvis.models import _check_image_size
 from fvis.render import check_precision
-from fvis.visualize import check_positive_int, check_seed
+from fvis.visualize import check_seed
 
 _MAX_DIR = 120
 

@@ -5,6 +5,8 @@ so callers can catch them the usual way; the command line catches `FvisError`
 and prints the message alone, without a traceback.
 """
 
+import numbers
+
 
 class FvisError(Exception):
     """Base of the errors that describe a user's input rather than a bug."""
@@ -64,3 +66,15 @@ def did_you_mean(name, candidates, *, kind, n=3):
         more = f" and {len(candidates) - 12} more" if len(candidates) > 12 else ""
         hint = f"Valid names: {shown}{more}."
     return f"Unknown {kind} '{name}'. {hint} Received: {kind}='{name}'"
+
+
+def is_integer(value):
+    """True for Python and NumPy integers; False for bools (Python ints too) and everything else."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_positive_int(name, value, minimum=1):
+    """Returns int(value) or raises InvalidValueError naming the key: an integer >= `minimum`."""
+    if not is_integer(value) or value < minimum:
+        raise InvalidValueError(f"{name} must be an integer >= {minimum}. Received: {name}={value!r}")
+    return int(value)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fvis.errors import InvalidValueError, MissingFileError
+from fvis.errors import InvalidValueError, MissingFileError, check_positive_int
 
 PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
@@ -60,9 +60,8 @@ def check_display(image_size, *, crop=25, mode="seed", margin=5):
             and mode one of DISPLAY_MODES.
     """
     h, w = image_size
-    for name, value in (("crop", crop), ("margin", margin)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-            raise InvalidValueError(f"display.{name} must be an integer >= 0 (pixels). Received: {name}={value!r}")
+    check_positive_int("display.crop", crop, minimum=0)
+    check_positive_int("display.margin", margin, minimum=0)
     if 2 * crop >= min(h, w):
         raise InvalidValueError(f"crop={crop} leaves no pixels of a {h}x{w} image; use 0 <= crop < "
                                 f"{(min(h, w) + 1) // 2} (display.crop). Received: crop={crop}")

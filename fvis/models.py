@@ -17,7 +17,7 @@ import numpy as np
 
 from fvis import zoo
 from fvis.errors import (InvalidTypeError, InvalidValueError, MissingFileError,
-                         UnknownNameError, WeightsUnavailableError, did_you_mean)
+                         UnknownNameError, WeightsUnavailableError, did_you_mean, is_integer)
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], "float32")
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], "float32")
@@ -80,7 +80,7 @@ def _check_image_size(image_size):
     """(H, W) from exactly two positive integers; a string, a float or a third value is refused."""
     values = None if isinstance(image_size, (str, bytes)) else _as_list(image_size)
     if (values is None or len(values) != 2
-            or not all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 1 for v in values)):
+            or not all(is_integer(v) and v >= 1 for v in values)):
         raise InvalidValueError(f"image_size must be two positive integers [height, width], e.g. [180, 180]. "
                                 f"Received: image_size={image_size!r}")
     return int(values[0]), int(values[1])

@@ -21,9 +21,8 @@ terms: they receive the stacked activations (D, ...) of the D images of a unit.
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from fvis.errors import InvalidTypeError, InvalidValueError
+from fvis.errors import InvalidTypeError, InvalidValueError, check_positive_int, is_integer
 from fvis.numerics import safe_norm
 
 INPUT = ":input"  # acts[INPUT] is the image being optimised, before transforms
@@ -117,13 +116,6 @@ def _feature_map_check(layer, kind, border=0):
     return check
 
 
-def _check_border(border):
-    if isinstance(border, bool) or not isinstance(border, (int, np.integer)) or border < 0:
-        raise InvalidValueError(f"border must be an integer >= 0 (activation-map pixels excluded on each side). "
-                                f"Received: border={border!r}")
-    return int(border)
-
-
 def _interior(act, border):
     return act[border: act.shape[0] - border, border: act.shape[1] - border] if border else act
 
@@ -141,7 +133,7 @@ def channel(layer, *, border=2):
     Raises:
         InvalidValueError: border is not an integer >= 0.
     """
-    border = _check_border(border)
+    border = check_positive_int("border", border, minimum=0)
     return Objective(lambda acts, unit: jnp.mean(_interior(acts[layer], border)[..., unit]),
                      layers=[layer], checks=[_feature_map_check(layer, "channel", border)],
                      name=f"channel({layer})")
@@ -163,8 +155,7 @@ def neuron(layer, *, position=None):
     """
     if position is not None:
         try:
-            ok = len(position) == 2 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-                                            for v in position)
+            ok = len(position) == 2 and all(is_integer(v) for v in position)
         except TypeError:
             ok = False
         if not ok:
@@ -219,7 +210,7 @@ def deepdream(layer, *, border=0):
     Raises:
         InvalidValueError: border is not an integer >= 0.
     """
-    border = _check_border(border)
+    border = check_positive_int("border", border, minimum=0)
     return Objective(lambda acts, unit: jnp.mean(jnp.square(_interior(acts[layer], border))),
                      layers=[layer], checks=[lambda shapes: None], name=f"deepdream({layer})")
 
@@ -235,7 +226,7 @@ def direction(layer, vectors, *, border=2):
 
     Unit: the row of `vectors`, in [0, K).
     """
-    border = _check_border(border)
+    border = check_positive_int("border", border, minimum=0)
     vectors = jnp.asarray(vectors, jnp.float32)
     if vectors.ndim != 2:
         raise InvalidValueError(f"direction vectors must be a (K, channels) array. "

@@ -8,7 +8,7 @@ import collections
 
 import numpy as np
 
-from fvis.errors import InvalidTypeError, InvalidValueError, UnitIndexError
+from fvis.errors import InvalidTypeError, InvalidValueError, UnitIndexError, is_integer
 
 
 _MAX_INDEX = np.iinfo(np.int32).max  # indices travel as int32
@@ -74,11 +74,11 @@ def parse_units(spec, num_units):
                     raise
                 raise InvalidValueError(f"Cannot read filters='{spec}'. Use 'all', an index, a list "
                                         "such as [0,1,2], or a slice 'start:stop[:step]' such as '0:64'.") from None
-    elif isinstance(spec, (int, np.integer)) and not isinstance(spec, bool):
+    elif is_integer(spec):
         indices = [int(spec)]
     elif isinstance(spec, (list, tuple, range, np.ndarray)) or type(spec).__name__ == "ListConfig":
         indices = list(spec)
-        bad = [i for i in indices if isinstance(i, bool) or not isinstance(i, (int, np.integer))]
+        bad = [i for i in indices if not is_integer(i)]
         if bad:
             raise InvalidTypeError(f"filters must be integers. Received: filters={list(spec)!r}")
     else:

@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
-from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
+from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError, check_positive_int, is_integer
 from fvis.layers import feature_extractor
 from fvis.models import VisModel
 from fvis.render import Forward, Rendered, check_precision, make_renderer
@@ -55,19 +55,12 @@ class Result:
         return np.all(self.grad_norms == 0, axis=-1)
 
 
-def check_positive_int(name, value, minimum=1):
-    """Returns int(value) or raises InvalidValueError naming the key."""
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise InvalidValueError(f"{name} must be an integer >= {minimum}. Received: {name}={value!r}")
-    return int(value)
-
-
 MAX_SEED = 2**32 - 1  # JAX's keys keep 32 bits of the seed (without jax_enable_x64): larger seeds repeat
 
 
 def check_seed(seed):
     """Returns int(seed) or raises InvalidValueError: seeds are integers in [0, MAX_SEED]."""
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
         raise InvalidValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX keeps 32 bits of a seed). "
                                 f"Received: seed={seed!r}")
     return int(seed)
