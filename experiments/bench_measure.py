@@ -93,7 +93,7 @@ def measure_fvis(job_cfg, *, batch_size, loop, precision, compilation_cache, ste
     model = build_model(job_cfg)
     built = time.perf_counter()
     job = fvis.prepare(model, job_cfg.layer, f"0:{job_cfg.filters}", steps=job_cfg.steps, batch_size=batch_size,
-                       loop=loop, precision=precision, compilation_cache=compilation_cache)
+                       loop=loop, precision=precision)
     result = job.run(progress=False)
     images.grid(outputs.tiles(result))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
@@ -166,8 +166,7 @@ def measure_batch_study(job_cfg, *, sizes, loops, steps, rounds):
     variants, out = {}, {}
     for size in sizes:
         for loop in loops:
-            job = fvis.prepare(model, job_cfg.layer, f"0:{size}", steps=steps, batch_size=size, loop=loop,
-                               compilation_cache=False)
+            job = fvis.prepare(model, job_cfg.layer, f"0:{size}", steps=steps, batch_size=size, loop=loop)
             weights, units = job.placed_weights(), job._placed(job.units)
             chunk, compile_s = job.compile(weights)
             jax.block_until_ready(chunk(weights, units))

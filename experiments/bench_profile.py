@@ -58,7 +58,7 @@ def measure_profile(model, job_cfg, *, batch_size, loops, cpu_ops):
         devices.AUTO[jax.default_backend()]["cpu_ops"] = slices
         for loop in loops:
             job = fvis.prepare(model, job_cfg.layer, f"0:{batch_size}", steps=job_cfg.steps, batch_size=batch_size,
-                               loop=loop, compilation_cache=False)
+                               loop=loop)
             weights, units = job.placed_weights(), job._placed(job.units)
             chunk, _ = job.compile(weights)
             jax.block_until_ready(chunk(weights, units))

@@ -13,7 +13,9 @@ except _metadata.PackageNotFoundError:  # running from a source tree that was no
 
 from fvis import (images, models, objectives, optim, outputs, params, quality, regularizers,  # noqa: E402
                   transforms)
+from fvis.runs import Outcome, run_job  # noqa: E402
+from fvis.settings import Display, Quality, Settings  # noqa: E402
 from fvis.visualize import Result, prepare, visualize  # noqa: E402
 
 __all__ = ["images", "models", "objectives", "optim", "outputs", "params", "quality", "regularizers", "transforms",
-           "Result", "prepare", "visualize"]
+           "Display", "Outcome", "Quality", "Result", "Settings", "prepare", "run_job", "visualize"]

@@ -21,40 +21,17 @@ from PIL import Image
 
 from fvis import images as images_lib
 from fvis.errors import InvalidTypeError, InvalidValueError, UnknownNameError, did_you_mean
-from fvis.layers import get_layer, layer_paths
 from fvis.outputs import atomic_write_bytes
 from fvis.units import parse_units
 
 _GLOB = re.compile(r"[*?\[]")
 
 
-def _output_shape(layer):
-    """A layer's output shape without the batch axis, or None (several outputs, shared layer)."""
-    try:
-        output = layer.output
-    except (AttributeError, ValueError, RuntimeError):  # called several times, or never
-        return None
-    return tuple(output.shape[1:]) if hasattr(output, "shape") else None
-
-
-def feature_map_layers(model):
-    """Every layer of `model` whose output is a feature map (H, W, C), nested ones included.
-
-    Args:
-        model: a built Functional or Sequential `keras.Model`.
-
-    Returns:
-        dict {layer path: (H, W, C) at the size the model was built for}, in layer order.
-    """
-    shapes = {path: _output_shape(get_layer(model, path)) for path in layer_paths(model)}
-    return {path: shape for path, shape in shapes.items() if shape is not None and len(shape) == 3}
-
-
 def select_layers(model, spec):
     """The layer paths a whole-model job walks.
 
     Args:
-        model: a built `keras.Model`.
+        model: an `fvis.models.VisModel`.
         spec: "all"; a layer path or glob pattern; or a list of them (see the module doc).
 
     Returns:
@@ -65,13 +42,13 @@ def select_layers(model, spec):
         InvalidValueError: an empty list.
         InvalidTypeError: a spec that is neither a string nor a list of strings.
     """
-    maps = feature_map_layers(model)
     entries = [spec] if isinstance(spec, str) else list(spec) if isinstance(spec, (list, tuple)) else None
     if entries is None or not all(isinstance(e, str) for e in entries):
         raise InvalidTypeError(f"layers must be 'all', a layer name or pattern, or a list of them. "
                                f"Received: layers={spec!r}")
     if not entries:
         raise InvalidValueError("layers=[] selects no layer; use layers=all or name some layers.")
+    maps = model.feature_map_paths()
     selected = []
     for entry in entries:
         if entry == "all":
@@ -83,14 +60,14 @@ def select_layers(model, spec):
                                        f"'{model.name}'. " + did_you_mean(entry, maps, kind="layer"))
             selected += matched
         else:
-            get_layer(model, entry)  # raises with the nearest names
+            model.output_shapes([entry])  # raises with the nearest names
             selected.append(entry)
     return list(dict.fromkeys(selected))
 
 
 def channels(model, path):
-    """The channel count (last axis) of the output of the layer at `path`."""
-    return int(_output_shape(get_layer(model, path))[-1])
+    """The channel count (last axis, channels-last) of the output of the layer at `path`."""
+    return int(model.output_shapes([path])[path][-1])
 
 
 def units_for_layer(spec, channels, widest, layer):

@@ -25,15 +25,12 @@ from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
 from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
-from tqdm.auto import tqdm
 
 import fvis
-from fvis import atlas, devices, optim, outputs, quality, report
-from fvis.chunks import check_loop
-from fvis.errors import FvisError, InvalidValueError, check_positive_int
-from fvis.models import _check_image_size
-from fvis.render import check_precision
-from fvis.visualize import check_seed
+from fvis import devices, optim, outputs, runs
+from fvis.errors import FvisError, InvalidValueError
+from fvis.models import check_image_size
+from fvis.settings import Display, Quality, Settings
 
 _MAX_DIR = 120
 
@@ -56,22 +53,20 @@ for _name in ("jax._src.xla_bridge", "jax._src.compilation_cache"):  # "no TPU",
     logging.getLogger(_name).setLevel(logging.WARNING)
 
 
-def _check_scalars(cfg):
-    """Checks the plain config values before anything is loaded or compiled."""
-    check_positive_int("steps", cfg.steps)
-    check_positive_int("images_per_unit", cfg.images_per_unit)
-    check_seed(cfg.seed)
-    if cfg.batch_size != "auto":
-        check_positive_int("batch_size", cfg.batch_size)
+def checked_settings(cfg):
+    """The run's `Settings`, `Display` and `Quality` from the config, and every other plain value
+    checked, before anything is loaded or compiled."""
+    settings = Settings(steps=cfg.steps, batch_size=cfg.batch_size, images_per_unit=cfg.images_per_unit,
+                        seed=cfg.seed, loop=cfg.loop, precision=cfg.precision)
+    display = Display(**cfg.display)
+    quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)
-    if cfg.quality.enabled:
-        check_positive_int("quality.draws", cfg.quality.draws)
     if cfg.image_size is not None:
-        _check_image_size(cfg.image_size)
+        check_image_size(cfg.image_size)
     _check_layer_names(cfg)
     for group in ("model", "objective", "param", "transform", "optimizer"):
         _check_arg_types(cfg.get(group), group)
-    _performance(cfg)
+    return settings, display, quality
 
 
 def _check_layer_names(cfg):
@@ -80,13 +75,6 @@ def _check_layer_names(cfg):
         if value is not None and not isinstance(value, str):
             raise InvalidValueError(f"{key} must be one layer name (a string); for several layers use "
                                     f"layers=[...]. Received: {key}={value}")
-
-
-def _performance(cfg):
-    """The speed settings of `fvis.prepare` (issue 3), checked: loop form, precision, compilation cache."""
-    if cfg.loop != "auto":
-        check_loop(cfg.loop)
-    return {"loop": cfg.loop, "precision": check_precision(cfg.precision), "compilation_cache": cfg.compilation_cache}
 
 
 def _given(node, key):
@@ -175,8 +163,8 @@ def run(cfg, out_dir):
     """Runs the job a composed config describes and writes its outputs to `out_dir`.
 
     One layer (`layer`) or, when `layers` is set, a whole-model job with one folder
-    per layer and an atlas. The attempt is recorded in run.json, a failure in
-    error.json (see `fvis.outputs.attempt`).
+    per layer and an atlas (`fvis.run_job`). The attempt is recorded in run.json, a
+    failure in error.json (see `fvis.outputs.attempt`).
 
     Returns:
         (the dict written to results.json, this attempt's record in run.json).
@@ -184,105 +172,34 @@ def run(cfg, out_dir):
     with outputs.attempt(out_dir) as record:
         record["versions"] = _versions()
         start = time.perf_counter()
-        _check_scalars(cfg)
+        settings, display, quality = checked_settings(cfg)
         devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
         model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
-        load_s = time.perf_counter() - start
-        jobs = _prepare_jobs(cfg, model)
-        finish = _quality_step(cfg, model)
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        display = dict(resolved["display"])
-        if cfg.get("layers") is None:
-            summary, facts = outputs.run_and_write(jobs[0][1], out_dir, config=resolved, meta=_meta(model, jobs[0][1]),
-                                                   display=display, finish=finish)
-        else:
-            summary, facts = _run_layers(jobs, out_dir, model, resolved, display, finish)
-        record["timings"] = {"load_model_s": load_s, "compile_s": facts["compile_s"],
-                             "optimize_s": facts["optimize_s"], "total_s": time.perf_counter() - start}
-        record["chunks"] = facts["chunks"]
-    return summary, record
+        record["timings"] = {"load_model_s": time.perf_counter() - start}
+        filters = OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters) else cfg.filters
+        layers = cfg.get("layers")
+        layers = OmegaConf.to_object(layers) if OmegaConf.is_config(layers) else layers
+        outcome = runs.run_job(model, _objective(cfg, layers), filters, out_dir, layers=layers,
+                               param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
+                               optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
+                               quality=quality, config=OmegaConf.to_container(cfg, resolve=True), attempt=record)
+        record["timings"]["total_s"] = time.perf_counter() - start
+    return outcome.results, record
 
 
-def _prepare_jobs(cfg, model):
-    """[(layer or None, Job)], every one checked before anything is compiled."""
-    filters = OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters) else cfg.filters
-    settings = dict(param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
-                    optimizer=_instantiate(cfg.optimizer), steps=cfg.steps, batch_size=cfg.batch_size,
-                    images_per_unit=cfg.images_per_unit, seed=cfg.seed, **_performance(cfg))
-    if cfg.get("layers") is None:
-        return [(None, fvis.prepare(model, _instantiate(cfg.objective), filters, **settings))]
+def _objective(cfg, layers):
+    """The objective, or for a whole-model job the function layer -> objective."""
+    if layers is None:
+        return _instantiate(cfg.objective)
     if "layer" not in cfg.objective:
         raise InvalidValueError(f"layers=... needs an objective that takes a layer (channel, neuron, "
                                 f"deepdream); objective '{cfg.objective._target_}' does not.")
-    spec = OmegaConf.to_object(cfg.layers) if OmegaConf.is_config(cfg.layers) else cfg.layers
-    layers = atlas.select_layers(model.model, spec)
-    channels = {layer: atlas.channels(model.model, layer) for layer in layers}
-    widest = max(channels.values())
-    return [(layer, fvis.prepare(model, _instantiate(cfg.objective, layer=layer),
-                                 atlas.units_for_layer(filters, channels[layer], widest, layer), **settings))
-            for layer in layers]
-
-
-def _quality_step(cfg, model):
-    """The quality report as a `run_and_write` finish step, or None when `quality.enabled` is false.
-
-    The photos of `quality.natural_images` are loaded here, before any compute, so a bad
-    folder fails at start-up.
-    """
-    if not cfg.quality.enabled:
-        return None
-    folder = cfg.quality.natural_images
-    natural = quality.load_photos(folder, model.image_size, channels=model.channels) if folder else None
-
-    def finish(job, result, folder, summary):
-        start = time.perf_counter()
-        records, run_summary = quality.measure(job.forward, job.objective, result.units, result.images,
-                                               natural=natural, draws=cfg.quality.draws, seed=cfg.seed)
-        summary["timings"]["quality_s"] = time.perf_counter() - start
-        return report.write(folder, summary, records, run_summary, natural=natural)
-
-    return finish
-
-
-def _meta(model, job, layer=None):
-    layer = {} if layer is None else {"layer": layer}
-    return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
-            "loop": job.loop}
-
-
-def _run_layers(jobs, out_dir, model, resolved, display, finish):
-    """Runs a whole-model job layer by layer, then writes the atlas and the top results.json."""
-    entries, rows, parts = [], [], []
-    overall = tqdm(total=sum(len(job.units) for _, job in jobs), unit="filter", desc="all layers", disable=None)
-    with overall:
-        for index, (layer, job) in enumerate(jobs):
-            overall.set_postfix_str(layer)
-            folder = Path(out_dir) / atlas.layer_folder(index, layer)
-            summary, done = outputs.run_and_write(job, folder, config=resolved, meta=_meta(model, job, layer),
-                                                  display=display, finish=finish)
-            overall.update(len(job.units))
-            parts.append((layer, done))
-            entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
-            rows.append(atlas.layer_row(folder, summary))
-    title = f"{model.name}: {jobs[0][1].objective.name.split('(')[0]} over {len(jobs)} layers"
-    atlas.write_atlas(out_dir, title, entries, rows, margin=display["margin"])
-    summary = {"config": resolved, "model": model.name, "image_size": list(model.image_size), "layers": entries}
-    outputs.atomic_write_json(Path(out_dir) / "results.json", summary)
-    return summary, _merge_facts(parts)
-
-
-def _merge_facts(parts):
-    """One attempt's facts from each layer's: seconds and chunk counts summed."""
-    chunks = {key: sum(done["chunks"][key] for _, done in parts) for key in ("total", "reused", "computed")}
-    chunks["recomputed_bad"] = [f"{layer}:{i}" for layer, done in parts for i in done["chunks"]["recomputed_bad"]]
-    return {"compile_s": sum(done["compile_s"] for _, done in parts),
-            "optimize_s": sum(done["optimize_s"] for _, done in parts), "chunks": chunks}
+    return lambda layer: _instantiate(cfg.objective, layer=layer)
 
 
 def _versions():
     import jax
-    import keras
-    return {"fvis": fvis.__version__, "jax": jax.__version__, "keras": keras.__version__,
+    return {"fvis": fvis.__version__, "jax": jax.__version__, **fvis.models.framework_versions(),
             "python": platform.python_version(), "device": str(jax.devices()[0].device_kind),
             "device_count": jax.device_count()}
 

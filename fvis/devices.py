@@ -14,11 +14,9 @@ import os
 from pathlib import Path
 
 import jax
-import keras
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from fvis import zoo
 from fvis.errors import InvalidValueError
 
 UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
@@ -33,16 +31,6 @@ AUTO = {
 }
 
 
-def has_grouped_convolutions(model):
-    """Whether a Keras model (nested sub-models included) has depthwise, separable or grouped convolutions."""
-    for layer in model.layers:
-        if isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)):
-            return True
-        if getattr(layer, "groups", 1) > 1 or (isinstance(layer, keras.Model) and has_grouped_convolutions(layer)):
-            return True
-    return False
-
-
 def auto_loop(model, platform=None):
     """The loop form for loop="auto": the backend's `AUTO` row, refined by the model on CPU.
 
@@ -53,11 +41,12 @@ def auto_loop(model, platform=None):
     convolutions use "scan".
 
     Args:
-        model: the `keras.Model` being visualized.
+        model: the `fvis.models.VisModel` being visualized.
+        platform: "cpu", "gpu" or "tpu"; default JAX's backend.
     """
     platform = platform or jax.default_backend()
     loop = auto_setting("loop", platform)
-    return "scan" if platform == "cpu" and has_grouped_convolutions(model) else loop
+    return "scan" if platform == "cpu" and model.has_grouped_convolutions else loop
 
 
 def unit_mesh(devices=None):
@@ -92,9 +81,17 @@ def round_up(n, multiple):
 MIN_COMPILE_TIME_S = 0.2  # programs that compile faster than this are not worth a cache file
 
 
+def cache_dir():
+    """The user's fvis cache folder: $FVIS_CACHE_DIR, else $XDG_CACHE_HOME/fvis, else ~/.cache/fvis."""
+    root = os.environ.get("FVIS_CACHE_DIR")
+    if not root:
+        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fvis"
+    return Path(root)
+
+
 def default_compilation_cache():
-    """The persistent compilation cache folder: <fvis cache dir>/jax (see `fvis.zoo.cache_dir`)."""
-    return zoo.cache_dir() / "jax"
+    """The persistent compilation cache folder: <fvis cache dir>/jax (see `cache_dir`)."""
+    return cache_dir() / "jax"
 
 
 def use_compilation_cache(setting=True):

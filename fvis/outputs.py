@@ -22,7 +22,6 @@ import io
 import json
 import os
 import platform
-import signal
 import traceback
 import zipfile
 from pathlib import Path
@@ -82,9 +81,6 @@ class ChunkStore:
     else (a partial file left by a kill, another config) is recomputed.
     """
 
-    # Test hook: SIGKILL this process right after it has saved this many chunks.
-    KILL_AFTER_ENV = "FVIS_TEST_KILL_AFTER_CHUNKS"
-
     def __init__(self, folder, config_fingerprint):
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
         self.reused, self.rejected, self.saved = [], [], []
@@ -111,8 +107,6 @@ class ChunkStore:
         atomic_write_bytes(self._path(index), npz_bytes(
             fingerprint=np.array(self.fingerprint), units=units, **rendered._asdict()))
         self.saved.append(index)
-        if len(self.saved) == int(os.environ.get(self.KILL_AFTER_ENV, 0)):
-            os.kill(os.getpid(), signal.SIGKILL)
 
     def stats(self):
         """JSON-able counts of this store's work: reused, saved and rejected chunk indices."""
@@ -171,7 +165,7 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
             records.append({
                 "unit": int(unit), "image": j, "png": f"filters/{name}",
                 "final": float(result.final[i, j]), "dead": bool(result.dead[i, j]),
-                "loss_curve": [float(v) for v in result.curves[i, j]],
+                "objective_curve": [float(v) for v in result.curves[i, j]],
             })
     atomic_write_bytes(folder / "images.npz", npz_bytes(
         units=result.units, images=result.images, curves=result.curves, final=result.final))

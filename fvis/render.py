@@ -10,24 +10,13 @@ units of a chunk; model weights are arguments, so one compilation serves every
 chunk of a job.
 """
 
-import collections
-import contextlib
-import dataclasses
 from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from fvis.errors import UnknownNameError, did_you_mean
 from fvis.objectives import INPUT
-from fvis.cpu_ops import cpu_ops
-
-# Incremented each time the chunk step is traced (compiled); tests read it.
-TRACE_COUNT = collections.Counter()
-
-# precision -> Keras dtype policy of the model's layers while fvis calls them.
-PRECISIONS = {"float32": None, "bfloat16": "mixed_bfloat16"}
 
 
 class Rendered(NamedTuple):
@@ -43,69 +32,6 @@ class Rendered(NamedTuple):
     curves: jax.Array
     final: jax.Array
     grad_norms: jax.Array
-
-
-def check_precision(precision):
-    """Returns `precision` if it is a key of `PRECISIONS`, else raises UnknownNameError."""
-    if precision not in PRECISIONS:
-        raise UnknownNameError(did_you_mean(str(precision), PRECISIONS, kind="precision"))
-    return precision
-
-
-@contextlib.contextmanager
-def _layer_policy(model, policy):
-    """Sets every layer's Keras dtype policy to `policy` inside the block (at trace time)."""
-    layers = list(model._flatten_layers(include_self=False)) if policy is not None else []
-    saved = [layer.dtype_policy for layer in layers]
-    try:
-        for layer in layers:
-            layer.dtype_policy = policy
-        yield
-    finally:
-        for layer, old in zip(layers, saved):
-            layer.dtype_policy = old
-
-
-@dataclasses.dataclass(frozen=True)
-class Forward:
-    """One image through the model: `forward(weights, image) -> {layer path: activation}`.
-
-    Attributes:
-        extractor: the Functional feature extractor (see `fvis.layers`).
-        paths: the layer paths, in the extractor's output order.
-        to_model_input: maps fvis' [-1, 1] images into the model's input range.
-        precision: "float32", or "bfloat16" for mixed precision: the layers compute in
-            bfloat16 (Keras' "mixed_bfloat16" policy; weights stay float32 and are cast
-            per layer, BatchNormalization statistics stay float32), while the image,
-            the activations handed to the objective and the gradient stay float32
-            (Micikevicius et al., ICLR 2018, "Mixed Precision Training").
-        cpu_ops: trace max pooling as strided slices and 1x1 convolutions as dots
-            (same values, faster gradients on CPU; see `fvis.cpu_ops`).
-    """
-
-    extractor: object
-    paths: tuple
-    to_model_input: object
-    precision: str = "float32"
-    cpu_ops: bool = False
-
-    def weights(self):
-        """The extractor's (trainable, non-trainable) variable values, a pytree of arrays."""
-        e = self.extractor
-        return ([v.value for v in e.trainable_variables], [v.value for v in e.non_trainable_variables])
-
-    def shapes(self):
-        """Output shape of each layer path, without the batch axis."""
-        return {p: tuple(t.shape[1:]) for p, t in zip(self.paths, self.extractor.outputs)}
-
-    def __call__(self, weights, image):
-        """(H, W, C) float32 image -> {path: float32 activation without batch axis}; inference mode."""
-        x = self.to_model_input(image)[None]
-        with _layer_policy(self.extractor, PRECISIONS[self.precision]), cpu_ops(self.cpu_ops):
-            outputs, _ = self.extractor.stateless_call(*weights, x, training=False)
-        if not isinstance(outputs, (list, tuple)):  # Keras unwraps a one-output model
-            outputs = [outputs]
-        return {p: o[0].astype(jnp.float32) for p, o in zip(self.paths, outputs, strict=True)}
 
 
 def image_keys(key, units, images_per_unit):
@@ -138,7 +64,20 @@ class Renderer(NamedTuple):
 
 
 def make_renderer(forward, objective, *, param, transform, optimizer, image_shape):
-    """Builds a `Renderer` (see `make_render_fn` for the arguments)."""
+    """Builds the `Renderer` that optimises one chunk of units.
+
+    Args:
+        forward: an `fvis.models.Forward`: (weights, image) -> {path: activation}.
+        objective: an `fvis.objectives.Objective` (maximised).
+        param: an `fvis.params.Parameterization`.
+        transform: `(key, image) -> image`, see `fvis.transforms`.
+        optimizer: an `optax.GradientTransformation`, applied per image to the
+            gradient of the negated objective.
+        image_shape: (H, W, C) of the images.
+
+    Returns:
+        A `Renderer`; `scan_chunk(renderer, steps)` joins its pieces into one function.
+    """
 
     def image_value(params, unit, key, weights):
         image = param.to_image(params)
@@ -169,7 +108,6 @@ def make_renderer(forward, objective, *, param, transform, optimizer, image_shap
         return params, _vmap2(optimizer.init)(params), loop_keys
 
     def step(weights, state, units, step):
-        TRACE_COUNT["render"] += 1
         params, opt_state, loop_keys = state
         step_keys = _vmap2(lambda k: jax.random.fold_in(k, step))(loop_keys)
         params, opt_state, values, norms = jax.vmap(unit_step, (0, 0, 0, 0, None))(
@@ -194,25 +132,3 @@ def scan_chunk(renderer, steps):
         return Rendered(images, jnp.moveaxis(curves, 0, -1), final, jnp.moveaxis(norms, 0, -1))
 
     return run
-
-
-def make_render_fn(forward, objective, *, param, transform, optimizer, steps, image_shape):
-    """Builds the function that optimises one chunk of units.
-
-    Args:
-        forward: a `Forward`.
-        objective: an `fvis.objectives.Objective` (maximised).
-        param: an `fvis.params.Parameterization`.
-        transform: `(key, image) -> image`, see `fvis.transforms`.
-        optimizer: an `optax.GradientTransformation`, applied per image to the
-            gradient of the negated objective.
-        steps: number of optimisation steps, >= 1.
-        image_shape: (H, W, C) of the images.
-
-    Returns:
-        `run(weights, units, keys) -> Rendered`, to be jitted: `units` (B,) int32,
-        `keys` (B, D) typed PRNG keys from `image_keys`.
-    """
-    renderer = make_renderer(forward, objective, param=param, transform=transform,
-                             optimizer=optimizer, image_shape=image_shape)
-    return scan_chunk(renderer, steps)

@@ -83,6 +83,12 @@ def _sparkline(curve, width=120, height=32):
             f'<polyline fill="none" stroke="#36c" stroke-width="1.5" points="{points}"/></svg>')
 
 
+def objective_curve(record):
+    """A results.json filter record's objective per step ("objective_curve"; "loss_curve" in files
+    written before fvis 0.2, which named the rising objective a loss)."""
+    return record.get("objective_curve", record.get("loss_curve", []))
+
+
 def _filter_row(record):
     q = record.get("quality", {})
     photos = "".join(
@@ -93,7 +99,7 @@ def _filter_row(record):
              f'{record["unit"]}' + (f' ({record["image"]})' if record.get("image") else ""),
              _number(q.get("activation")), _number(q.get("selectivity_rank"), "{}"),
              _number(q.get("robustness"), "{:.3f}"), _number(q.get("spectral_slope"), "{:.2f}"),
-             _number(q.get("natural_ratio"), "{:.3f}"), _sparkline(record.get("loss_curve", [])), photos]
+             _number(q.get("natural_ratio"), "{:.3f}"), _sparkline(objective_curve(record)), photos]
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 

@@ -20,10 +20,10 @@ from tqdm.auto import tqdm
 from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
-from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError, check_positive_int, is_integer
-from fvis.layers import feature_extractor
-from fvis.models import VisModel
-from fvis.render import Forward, Rendered, check_precision, make_renderer
+from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
+from fvis.models import Forward, Rewrites, as_vis_model
+from fvis.render import Rendered, make_renderer
+from fvis.settings import Settings
 from fvis.units import parse_units
 
 
@@ -53,17 +53,6 @@ class Result:
     def dead(self):
         """(N, D) bool: the gradient was exactly zero at every step (the image never moved)."""
         return np.all(self.grad_norms == 0, axis=-1)
-
-
-MAX_SEED = 2**32 - 1  # JAX's keys keep 32 bits of the seed (without jax_enable_x64): larger seeds repeat
-
-
-def check_seed(seed):
-    """Returns int(seed) or raises InvalidValueError: seeds are integers in [0, MAX_SEED]."""
-    if not is_integer(seed) or not 0 <= seed <= MAX_SEED:
-        raise InvalidValueError(f"seed must be an integer from 0 to {MAX_SEED} (JAX keeps 32 bits of a seed). "
-                                f"Received: seed={seed!r}")
-    return int(seed)
 
 
 @dataclasses.dataclass
@@ -154,31 +143,22 @@ class Job:
                     "optimizer, or a regularizer.")
 
 
-def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, steps=30,
-            batch_size="auto", images_per_unit=1, seed=0, loop="auto", precision="float32",
-            devices=None, compilation_cache=True):
+def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, settings=None,
+            devices=None, **kwargs):
     """Checks a job and builds everything it needs except the compilation.
 
     Args:
-        model: an `fvis.models.VisModel`.
+        model: an `fvis.models.VisModel`, or a Functional/Sequential `keras.Model` whose
+            input range fvis knows (see `fvis.models.from_keras`; else wrap it).
         objective: an `fvis.objectives.Objective`, or a layer path (= `channel(layer)`).
         units: which units, see `fvis.units.parse_units` ("all", int, list, "0:64").
         param: parameterization; default `fvis.params.pixel()` (the reference).
         transform: `(key, image) -> image`; default none (the reference).
         optimizer: optax transformation; default `fvis.optim.normalized_ascent(10.0)`.
-        steps: optimisation steps, >= 1 (the reference: 30).
-        batch_size: units per compiled chunk, or "auto" (the backend's measured best,
-            see `fvis.devices.AUTO`); rounded up to a multiple of the device count.
-        images_per_unit: D images per unit from different starts (for diversity), >= 1.
-        seed: int in [0, 2**32 - 1]; unit u's random start depends on (seed, u) only.
-        loop: "scan" (all steps in one compiled call), "host" (a compiled step called
-            from Python), or "auto" (the backend's measured best for this kind of model,
-            see `fvis.devices.auto_loop`); see `fvis.chunks`.
-        precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
-            objective and gradient stay float32; see `fvis.render.Forward`).
+        settings: an `fvis.Settings` (steps, batch_size, images_per_unit, seed, loop,
+            precision); or give those as keyword arguments instead.
         devices: the devices to shard units over; default all of `jax.devices()`.
-        compilation_cache: JAX's persistent compilation cache: True (default: the user's
-            cache folder, see `fvis.devices.use_compilation_cache`), a folder, or False.
+        **kwargs: the fields of `fvis.Settings`, when `settings` is not given.
 
     Returns:
         A `Job`; call `job.run()`.
@@ -187,36 +167,46 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         InvalidValueError, InvalidTypeError, UnitIndexError, UnknownNameError: bad input,
             raised before any compilation or optimisation.
     """
-    if not isinstance(model, VisModel):
-        raise InvalidTypeError(f"model must be an fvis.models.VisModel (see fvis.models.wrap). "
-                               f"Received: {type(model).__name__}")
+    if settings is None:
+        settings = _settings(kwargs)
+    elif kwargs:
+        raise InvalidTypeError(f"Give either settings= or its fields as keywords, not both. "
+                               f"Received: {sorted(kwargs)}")
+    model = as_vis_model(model)
     if isinstance(objective, str):
         objective = objectives_lib.channel(objective)
     if not isinstance(objective, objectives_lib.Objective):
         raise InvalidTypeError(f"objective must be an fvis Objective or a layer name. "
                                f"Received: {type(objective).__name__}")
-    steps = check_positive_int("steps", steps)
-    images_per_unit = check_positive_int("images_per_unit", images_per_unit)
-    if objective.group_fn is not None and images_per_unit < 2:
+    if objective.group_fn is not None and settings.images_per_unit < 2:
         raise InvalidValueError(f"{objective.name} has a group term (diversity) that compares a unit's images; "
-                                f"it needs images_per_unit >= 2. Received: images_per_unit={images_per_unit}")
-    seed = check_seed(seed)
-    layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.model.layers[-1].name]
-    forward = Forward(feature_extractor(model.model, layers, model.image_size), tuple(layers),
-                      model.to_model_input, check_precision(precision), devices_lib.auto_setting("cpu_ops"))
+                                f"it needs images_per_unit >= 2. Received: images_per_unit={settings.images_per_unit}")
+    layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.default_path]
+    rewrites = Rewrites(precision=settings.precision, cpu_ops=devices_lib.auto_setting("cpu_ops"))
+    forward = model.forward(layers, rewrites)
     units = parse_units(units, objective.num_units(forward.shapes()))
     mesh = devices_lib.unit_mesh(devices)
+    batch_size = settings.batch_size
     if batch_size == "auto":
         batch_size = devices_lib.auto_batch_size(len(units), mesh.size)
-    batch_size = devices_lib.round_up(min(check_positive_int("batch_size", batch_size), len(units)), mesh.size)
-    loop = chunks_lib.check_loop(devices_lib.auto_loop(model.model) if loop == "auto" else loop)
-    devices_lib.use_compilation_cache(compilation_cache)
+    batch_size = devices_lib.round_up(min(batch_size, len(units)), mesh.size)
+    loop = devices_lib.auto_loop(model) if settings.loop == "auto" else settings.loop
     image_shape = (*model.image_size, model.channels)
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
         optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape)
-    return Job(forward, objective, units, batch_size, images_per_unit, steps, seed, renderer, image_shape,
-               loop, mesh)
+    return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
+               renderer, image_shape, loop, mesh)
+
+
+def _settings(kwargs):
+    names = {f.name for f in dataclasses.fields(Settings)}
+    unknown = sorted(set(kwargs) - names)
+    if unknown:
+        raise InvalidTypeError(f"Unknown setting(s) {unknown}; fvis.prepare takes {sorted(names)} (see fvis.Settings). "
+                               f"The compilation cache is set by fvis.devices.use_compilation_cache(), before the "
+                               f"model is built. Received: {unknown}")
+    return Settings(**kwargs)
 
 
 def visualize(model, objective, units="all", *, store=None, progress="auto", **settings):

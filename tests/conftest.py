@@ -27,3 +27,24 @@ def tiny():
     import fvis  # noqa: F401  (sets the JAX backend)
     from fvis import models
     return models.tiny_convnet(image_size=(32, 32))
+
+
+@pytest.fixture
+def step_traces(monkeypatch):
+    """A list that grows by one each time a job's optimisation step is traced (compiled)."""
+    import importlib
+
+    visualize = importlib.import_module("fvis.visualize")  # the module; fvis.visualize is the function
+    traces, real = [], visualize.make_renderer
+
+    def counted(*args, **kwargs):
+        renderer = real(*args, **kwargs)
+
+        def step(*step_args):
+            traces.append(1)
+            return renderer.step(*step_args)
+
+        return renderer._replace(step=step)
+
+    monkeypatch.setattr(visualize, "make_renderer", counted)
+    return traces

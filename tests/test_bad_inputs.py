@@ -151,13 +151,13 @@ def test_preprocessing_inside_the_model_receives_its_own_range():
     assert extractor.shapes()["conv"] == (14, 14, 2)
 
 
-def test_traces_do_not_grow_with_filters_chunks_or_steps():
+def test_traces_do_not_grow_with_filters_chunks_or_steps(step_traces):
     vis_model = models.tiny_convnet(image_size=(16, 16), width=64)  # conv3: 256 channels
     traces = []
     for units, steps in (("0:16", 2), ("all", 2), ("0:16", 40)):
-        before = render.TRACE_COUNT["render"]
+        before = len(step_traces)
         fvis.visualize(vis_model, "conv3", units, steps=steps, batch_size=16, progress=False)
-        traces.append(render.TRACE_COUNT["render"] - before)
+        traces.append(len(step_traces) - before)
     assert traces == [1, 1, 1]  # 16 filters, 256 filters in 16 chunks, 40 steps: one trace each
 
 
@@ -169,17 +169,17 @@ def test_traces_do_not_grow_with_filters_chunks_or_steps():
     (["model=mobilenet"], "Missing mandatory value: model.weights"),
     (["experiment=lucid"], "crop=16 leaves no pixels of a 32x32 image"),  # the preset's crop, the tiny model's size
 ])
-def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path, capsys):
+def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path, capsys, step_traces):
     # in-process (cli.run_command is the command's body); tests/test_cli.py runs the real command
     with initialize_config_module(config_module="fvis.conf", version_base="1.3"):
         cfg = compose("config", overrides=[*(["model=tiny"] if not args[0].startswith("model=") else []), *args])
-    before = render.TRACE_COUNT["render"]
+    before = len(step_traces)
     with pytest.raises(SystemExit) as exit_info:
         cli.run_command(cfg, str(tmp_path / "run"))
     errors = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith("fvis: error:")
     assert message in errors[0], errors
-    assert render.TRACE_COUNT["render"] == before and not (tmp_path / "run" / "chunks").exists()
+    assert len(step_traces) == before and not (tmp_path / "run" / "chunks").exists()
 
 
 @pytest.mark.parametrize("display, message", [
@@ -188,13 +188,13 @@ def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path
     ({"margin": -1}, "display.margin must be an integer >= 0"),
     ({"mode": "xyz"}, "Unknown display mode 'xyz'"),
 ])
-def test_display_settings_are_refused_before_compute(tiny, tmp_path, display, message):
+def test_display_settings_are_refused_before_compute(tiny, tmp_path, display, message, step_traces):
     job = fvis.prepare(tiny, "conv2", "0:2", steps=1)
-    before = render.TRACE_COUNT["render"]
+    before = len(step_traces)
     with pytest.raises(InvalidValueError, match=message):
         outputs.run_and_write(job, tmp_path, config={}, meta={}, display={"crop": 2, "mode": "seed", "margin": 5,
                                                                            **display})
-    assert render.TRACE_COUNT["render"] == before and not (tmp_path / "chunks").exists()
+    assert len(step_traces) == before and not (tmp_path / "chunks").exists()
 
 
 @pytest.mark.parametrize("make, kwargs, message", [
@@ -208,11 +208,11 @@ def test_display_settings_are_refused_before_compute(tiny, tmp_path, display, me
     (lambda: objectives.channel("conv2") + objectives.diversity("conv2"), {"images_per_unit": 1},
      "needs images_per_unit >= 2"),
 ])
-def test_objective_settings_out_of_range_are_refused_before_compute(tiny, make, kwargs, message):
-    before = render.TRACE_COUNT["render"]
+def test_objective_settings_out_of_range_are_refused_before_compute(tiny, make, kwargs, message, step_traces):
+    before = len(step_traces)
     with pytest.raises(InvalidValueError, match=message):
         fvis.prepare(tiny, make(), "0:2", **kwargs)
-    assert render.TRACE_COUNT["render"] == before
+    assert len(step_traces) == before
 
 
 def test_neuron_position_picks_that_position(tiny):

@@ -78,7 +78,7 @@ def test_cli_end_to_end_writes_every_file(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["config"]["steps"] == 5 and results["config"]["layer"] == "conv2"
     assert [f["unit"] for f in results["filters"]] == list(range(6))
-    assert all(len(f["loss_curve"]) == 5 and np.isfinite(f["final"]) for f in results["filters"])
+    assert all(len(f["objective_curve"]) == 5 and np.isfinite(f["final"]) for f in results["filters"])
     attempt = json.loads((out / "run.json").read_text())["attempts"][-1]
     assert attempt["status"] == "done" and attempt["timings"]["compile_s"] > 0 and attempt["timings"]["optimize_s"] > 0
     written = {p.relative_to(tmp_path).parts[0] for p in tmp_path.rglob("*")}

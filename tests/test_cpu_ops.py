@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fvis
-from fvis.cpu_ops import conv_pointwise_as_dot, cpu_ops, max_pool_by_slices
+from fvis.models.keras_ops import conv_pointwise_as_dot, cpu_ops, max_pool_by_slices
 
 
 @pytest.mark.parametrize("shape, pool, strides, padding, data_format", [
@@ -36,8 +36,8 @@ def test_forward_with_cpu_ops_equals_forward_without():
     y = keras.layers.Conv2D(16, 1, groups=4, name="grouped")(y)  # grouped 1x1: Keras' own path
     y = keras.layers.Conv2D(32, 3, padding="same", name="conv3")(y)
     job = fvis.prepare(fvis.models.wrap(keras.Model(x, y)), "conv3", [0])
-    plain = dataclasses.replace(job.forward, cpu_ops=False)
-    sliced = dataclasses.replace(job.forward, cpu_ops=True)
+    plain = dataclasses.replace(job.forward, rewrites=fvis.models.Rewrites(cpu_ops=False))
+    sliced = dataclasses.replace(job.forward, rewrites=fvis.models.Rewrites(cpu_ops=True))
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (32, 32, 3)).astype("float32"))
     w = job.forward.weights()
     value = lambda fwd: lambda x: jnp.mean(fwd(w, x)["conv3"] ** 2)

@@ -48,12 +48,12 @@ def test_sequential_built_here_with_bad_channels_is_refused():
                                   None, (32, "32")])
 def test_image_size_must_be_two_positive_integers(size):
     with pytest.raises(InvalidValueError, match=r"two positive integers \[height, width\].*Received: image_size="):
-        models._check_image_size(size)
+        models.check_image_size(size)
 
 
 @pytest.mark.parametrize("size", [(32, 24), [32, 24], np.array([32, 24])])
 def test_image_size_accepts_integer_pairs(size):
-    assert models._check_image_size(size) == (32, 24)
+    assert models.check_image_size(size) == (32, 24)
 
 
 def _photo_folder(tmp_path, bad_name="broken.png", bad_bytes=b"not an image"):
@@ -167,7 +167,7 @@ def test_seed_outside_jax_range_is_refused_before_compute(tiny, seed):
 
 
 def test_largest_seed_is_accepted(tiny):
-    assert fvis.prepare(tiny, "conv1", [0], seed=2**32 - 1, compilation_cache=False).seed == 2**32 - 1
+    assert fvis.prepare(tiny, "conv1", [0], seed=2**32 - 1).seed == 2**32 - 1
 
 
 def test_compilation_cache_folder_that_cannot_be_made_names_the_key(tmp_path):

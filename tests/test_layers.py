@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 import fvis
-from fvis import layers, models
+from fvis import models
+from fvis.models import keras_layers as layers
 from fvis.errors import InvalidTypeError, UnknownNameError
 
 

@@ -7,7 +7,8 @@ import keras
 import numpy as np
 import pytest
 
-from fvis import images, layers, models
+from fvis import images, models
+from fvis.models import keras_layers as layers
 from fvis.errors import MissingFileError, UnknownNameError, WeightsUnavailableError
 from tests.conftest import shared_path
 

@@ -55,7 +55,7 @@ def test_bad_loop_and_precision_are_refused_before_compiling(tiny):
     with pytest.raises(UnknownNameError, match="Received: precision='bf16'"):
         fvis.prepare(tiny, "conv2", [0], precision="bf16")
     with pytest.raises(InvalidValueError, match="compilation_cache"):
-        fvis.prepare(tiny, "conv2", [0], compilation_cache=3)
+        devices.use_compilation_cache(3)
 
 
 def test_auto_settings_follow_the_backend_table():
@@ -72,11 +72,12 @@ def test_auto_loop_on_cpu_is_scan_for_models_with_depthwise_convolutions(tiny):
     inner = keras.Sequential([keras.Input((16, 16, 4)), keras.layers.DepthwiseConv2D(3)], name="backbone")
     nested = keras.Model(inputs, inner(keras.layers.Conv2D(4, 1)(inputs)))
     grouped = keras.Model(inputs, keras.layers.Conv2D(4, 3, groups=2)(keras.layers.Conv2D(4, 1)(inputs)))
-    assert not devices.has_grouped_convolutions(tiny.model)
-    assert devices.has_grouped_convolutions(nested) and devices.has_grouped_convolutions(grouped)
-    assert devices.auto_loop(tiny.model, "cpu") == devices.AUTO["cpu"]["loop"] == "host"
-    assert devices.auto_loop(nested, "cpu") == "scan" and devices.auto_loop(tiny.model, "gpu") == "scan"
-    job = fvis.prepare(fvis.models.wrap(nested, input_space="unit"), "backbone/depthwise_conv2d", [0], steps=1)
+    nested, grouped = (fvis.models.wrap(m, input_space="unit") for m in (nested, grouped))
+    assert not tiny.has_grouped_convolutions
+    assert nested.has_grouped_convolutions and grouped.has_grouped_convolutions
+    assert devices.auto_loop(tiny, "cpu") == devices.AUTO["cpu"]["loop"] == "host"
+    assert devices.auto_loop(nested, "cpu") == "scan" and devices.auto_loop(tiny, "gpu") == "scan"
+    job = fvis.prepare(nested, "backbone/depthwise_conv2d", [0], steps=1)
     assert job.loop == devices.auto_loop(nested)
 
 
@@ -88,6 +89,7 @@ def test_auto_batch_size_is_used_by_prepare(tiny):
 CACHE_SCRIPT = textwrap.dedent("""
     import json, sys
     import fvis, jax
+    fvis.devices.use_compilation_cache()  # the entry point's job (the fvis command does it); the library never does
     hits = []
     jax.monitoring.register_event_listener(lambda event, **kw: hits.append(event) if "cache_hits" in event else None)
     model = fvis.models.tiny_convnet(image_size=(32, 32))
@@ -97,13 +99,20 @@ CACHE_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_persistent_compilation_cache_is_on_by_default_and_hit_on_the_second_run(tmp_path):
+def test_persistent_compilation_cache_is_hit_on_the_second_run(tmp_path):
     env = {**os.environ, "FVIS_CACHE_DIR": str(tmp_path), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     runs = [json.loads(subprocess.run([sys.executable, "-c", CACHE_SCRIPT], env=env, capture_output=True, text=True,
                                       check=True).stdout.strip().splitlines()[-1]) for _ in range(2)]
     assert runs[0]["dir"] == str(tmp_path / "jax") and any((tmp_path / "jax").iterdir())
     assert runs[0]["hits"] == 0 and runs[1]["hits"] > 0
     assert runs[0]["images"] == runs[1]["images"]
+
+
+def test_visualize_leaves_the_compilation_cache_setting_alone(tiny):
+    """Side effects belong to the entry points: the library never switches JAX's global cache."""
+    before = jax.config.jax_compilation_cache_dir
+    fvis.visualize(tiny, "conv2", [0], steps=1, progress=False)
+    assert jax.config.jax_compilation_cache_dir == before
 
 
 def test_compilation_cache_false_leaves_jax_alone(tiny):

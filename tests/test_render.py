@@ -63,10 +63,10 @@ def test_batch_sizes_agree_with_single_filter_runs(wide):
     np.testing.assert_allclose(runs[64].images[41], alone.images[0], atol=1e-5)
 
 
-def test_step_compiles_once_for_all_chunks(tiny):
-    before = render.TRACE_COUNT["render"]
+def test_step_compiles_once_for_all_chunks(tiny, step_traces):
+    before = len(step_traces)
     result = fvis.visualize(tiny, "conv2", "0:11", steps=3, batch_size=3, progress=False)  # 4 chunks, last padded
-    assert render.TRACE_COUNT["render"] - before == 1
+    assert len(step_traces) - before == 1
     assert result.images.shape == (11, 1, 32, 32, 3)
 
 

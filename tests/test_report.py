@@ -90,3 +90,12 @@ def test_cli_checks_the_photo_folder_before_compute(tmp_path):
     proc = run_cli("model=tiny", "quality.natural_images=nowhere", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "No images" in proc.stderr
     assert not (tmp_path / "run" / "chunks").exists()
+
+
+def test_objective_curve_is_read_under_its_old_name_too():
+    """results.json names the rising curve `objective_curve`; files written before keep `loss_curve`."""
+    new = {"unit": 0, "png": "filters/filter_0000.png", "objective_curve": [0.0, 1.0, 3.0]}
+    old = {"unit": 0, "png": "filters/filter_0000.png", "loss_curve": [0.0, 1.0, 3.0]}
+    assert report.objective_curve(new) == report.objective_curve(old) == [0.0, 1.0, 3.0]
+    pages = [report.page({"model": "m", "objective": "o", "filters": [record]}) for record in (new, old)]
+    assert pages[0] == pages[1] and "<polyline" in pages[0]

@@ -39,9 +39,26 @@ def product(folder):
             if p.is_file() and p.name != "run.json" and ".hydra" not in p.parts and p.suffix != ".log"}
 
 
-def fvis_process(*args, env=None):
-    return subprocess.Popen([sys.executable, "-m", "fvis", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+# The `fvis` command, killed by SIGKILL right after it saved `sys.argv[1]` chunks (the hook lives here,
+# not in the library).
+KILLED_AFTER_CHUNKS = """
+import os, signal, sys
+from fvis import outputs
+from fvis.cli import main
+limit, save = int(sys.argv.pop(1)), outputs.ChunkStore.save
+def save_then_maybe_die(self, *args):
+    save(self, *args)
+    if len(self.saved) == limit:
+        os.kill(os.getpid(), signal.SIGKILL)
+outputs.ChunkStore.save = save_then_maybe_die
+main()
+"""
+
+
+def fvis_process(*args, kill_after_chunks=None):
+    program = ["-m", "fvis"] if kill_after_chunks is None else ["-c", KILLED_AFTER_CHUNKS, str(kill_after_chunks)]
+    return subprocess.Popen([sys.executable, *program, *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
 
 
 def attempts(folder):
@@ -59,7 +76,7 @@ def reference(tmp_path_factory):
 @pytest.mark.slow
 def test_job_killed_between_chunks_resumes_to_identical_files(tmp_path, reference):
     out = tmp_path / "run"
-    proc = fvis_process(*TINY, "steps=4", f"hydra.run.dir={out}", env={outputs.ChunkStore.KILL_AFTER_ENV: "2"})
+    proc = fvis_process(*TINY, "steps=4", f"hydra.run.dir={out}", kill_after_chunks=2)
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode == -signal.SIGKILL, stderr
     assert sorted(p.name for p in (out / "chunks").iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]

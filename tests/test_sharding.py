@@ -16,7 +16,7 @@ SCRIPT = textwrap.dedent("""
     for loop in ("scan", "host"):
         one = fvis.visualize(model, "conv3", "0:10", steps=3, batch_size=4, loop=loop, devices=jax.devices()[:1],
                              compilation_cache=False, progress=False)
-        job = fvis.prepare(model, "conv3", "0:10", steps=3, batch_size=3, loop=loop, compilation_cache=False)
+        job = fvis.prepare(model, "conv3", "0:10", steps=3, batch_size=3, loop=loop)
         many = job.run(progress=False)
         weights = job.placed_weights()
         chunk, _ = job.compile(weights)
@@ -53,7 +53,7 @@ MULTI_HOST = textwrap.dedent("""
                                process_id=int(sys.argv[1]))
     import fvis
     model = fvis.models.tiny_convnet(image_size=(24, 24), width=8)
-    result = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, compilation_cache=False, progress=False)
+    result = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, progress=False)
     print(json.dumps({"devices": jax.device_count(), "local": jax.local_device_count(),
                       "images": result.images.tolist(), "final": result.final.tolist()}))
 """)
@@ -77,7 +77,7 @@ def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
     assert all(p.returncode == 0 for p in procs), logs[0].read_text()[-2000:] + logs[1].read_text()[-2000:]
     runs = [json.loads(log.read_text().strip().splitlines()[-1]) for log in logs]
     model = fvis.models.tiny_convnet(image_size=(24, 24), width=8)
-    alone = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, compilation_cache=False, progress=False)
+    alone = fvis.visualize(model, "conv3", "0:6", steps=3, batch_size=4, progress=False)
     for run in runs:  # every host holds the whole result, equal to one process on one device
         assert run["devices"] == 4 and run["local"] == 2
         np.testing.assert_allclose(run["images"], alone.images, atol=1e-5)

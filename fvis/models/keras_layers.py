@@ -1,16 +1,20 @@
 """Reach any layer of a Keras model by name, nested sub-models included.
 
 A layer path is a layer name (`conv3_block4_out`) or, for a layer inside a
-sub-model, the names joined by "/" (`backbone/conv3_block4_out`). The extractor
+sub-model, the names joined by "/" (`backbone/conv3_block4_out`). A layer (or
+sub-model) that returns several tensors takes a ":i" suffix choosing the i-th
+(`split:1`); without it, it is refused before anything compiles. The extractor
 built here is a Functional model from the model's input to those layers'
 outputs; fvis calls it with `stateless_call`, so weights stay arguments and the
 model's variables are never written.
 """
 
+import re
+
 import keras
 from keras.src.ops.function import make_node_key
 
-from fvis.errors import InvalidTypeError, InvalidValueError, UnknownNameError, did_you_mean
+from fvis.errors import FvisError, InvalidTypeError, InvalidValueError, UnknownNameError, did_you_mean
 
 
 def _graph(model):
@@ -41,19 +45,72 @@ def layer_paths(model, prefix=""):
     return paths
 
 
+def split_path(path):
+    """"outer/inner:1" -> (["outer", "inner"], 1); the output index is None without a suffix.
+
+    Raises:
+        InvalidTypeError: a path that is not a string.
+    """
+    if not isinstance(path, str):
+        raise InvalidTypeError(f"A layer path is a string such as 'conv2' or 'outer/inner'. Received: {path!r}")
+    match = re.fullmatch(r"(.*):(\d+)", path)
+    name, index = (match.group(1), int(match.group(2))) if match else (path, None)
+    return name.split("/"), index
+
+
 def get_layer(model, path):
-    """Finds the layer at `path` ("name" or "outer/inner").
+    """Finds the layer at `path` ("name", "outer/inner", with or without an output suffix ":i").
 
     Raises:
         UnknownNameError: no such layer; the message lists the nearest names.
     """
+    parts, _ = split_path(path)
     current = model
-    for depth, name in enumerate(path.split("/")):
+    for depth, name in enumerate(parts):
         names = [l.name for l in current.layers]
-        if name not in names or (depth < len(path.split("/")) - 1 and not _is_model(current.get_layer(name))):
+        if name not in names or (depth < len(parts) - 1 and not _is_model(current.get_layer(name))):
             raise UnknownNameError(did_you_mean(path, layer_paths(model), kind="layer"))
         current = current.get_layer(name)
     return current
+
+
+def channel_axis(model, path):
+    """The channel axis (of the batched output) of the layer at `path`: 1 or -1.
+
+    It comes from the layer's own `data_format`; a layer without one (an activation,
+    an addition) keeps the layout of the layer that feeds it; an input is channels-last.
+    """
+    layer = get_layer(model, path)
+    while True:
+        data_format = getattr(layer, "data_format", None)
+        if data_format is not None:
+            return 1 if data_format == "channels_first" else -1
+        node = layer._inbound_nodes[0] if getattr(layer, "_inbound_nodes", None) else None
+        tensors = node.input_tensors if node is not None else []
+        if not tensors or isinstance(layer, keras.layers.InputLayer):
+            return -1
+        layer = tensors[0]._keras_history.operation
+
+
+def _output_shape(layer):
+    """A layer's output shape without the batch axis, or None (several outputs, shared layer)."""
+    try:
+        output = layer.output
+    except (AttributeError, ValueError, RuntimeError):  # called several times, or never
+        return None
+    return tuple(output.shape[1:]) if hasattr(output, "shape") else None
+
+
+def feature_map_paths(model):
+    """Every layer path of `model` whose output is a feature map (H, W, C), nested ones included.
+
+    Layers with several outputs or several calls are left out (name them explicitly).
+
+    Returns:
+        list of str, in layer order.
+    """
+    shapes = {path: _output_shape(get_layer(model, path)) for path in layer_paths(model)}
+    return [path for path, shape in shapes.items() if shape is not None and len(shape) == 3]
 
 
 def _only_call(outer, layer):
@@ -87,14 +144,31 @@ def _cut(model, outputs):
     return cut
 
 
-def _output_of(model, parts, x):
-    """Output of the layer at `parts` when `model` is applied to symbolic `x`."""
+def _output_of(model, parts, index, x, path):
+    """Output of the layer at `parts` (its `index`-th output) when `model` is applied to symbolic `x`."""
     layer = model.get_layer(parts[0])
     if len(parts) == 1:
         outputs = _only_call(model, layer).output_tensors
-        return _cut(model, outputs[0] if len(outputs) == 1 else outputs)(x)
+        return _cut(model, outputs[_pick(outputs, index, path)])(x)
     feed = _cut(model, _feeding_tensors(model, layer))(x)
-    return _output_of(layer, parts[1:], feed)
+    return _output_of(layer, parts[1:], index, feed, path)
+
+
+def _pick(outputs, index, path):
+    """Which of a layer's outputs `path` reads: its only one, or the one its ":i" suffix names.
+
+    Raises:
+        InvalidValueError: several outputs and no suffix, or a suffix out of range.
+    """
+    base = path.rsplit(":", 1)[0] if index is not None else path
+    if index is None and len(outputs) == 1:
+        return 0
+    if index is not None and 0 <= index < len(outputs):
+        return index
+    shapes = ", ".join(f"'{base}:{i}' {tuple(t.shape[1:])}" for i, t in enumerate(outputs))
+    return_kind = "returns one tensor" if len(outputs) == 1 else f"returns {len(outputs)} tensors"
+    raise InvalidValueError(f"Layer '{base}' {return_kind}: {shapes}. Name the one to visualize "
+                            f"with its suffix. Received: layer='{path}'")
 
 
 def feature_extractor(model, paths, image_size):
@@ -123,7 +197,9 @@ def feature_extractor(model, paths, image_size):
                                f"{len(model.inputs)}.")
     x = keras.Input(shape=(*image_size, model.inputs[0].shape[-1]), name="fvis_image")
     try:
-        outputs = [_output_of(model, path.split("/"), x) for path in paths]
+        outputs = [_output_of(model, *split_path(path), x, path) for path in paths]
+    except FvisError:
+        raise
     except ValueError as e:
         built = tuple(model.inputs[0].shape[1:3])
         lines = [l.replace("\x1b[1m", "").replace("\x1b[0m", "").strip() for l in str(e).splitlines()]

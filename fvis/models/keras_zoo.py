@@ -14,18 +14,11 @@ from pathlib import Path
 import keras
 import numpy as np
 
+from fvis.devices import cache_dir
 from fvis.errors import MissingFileError
 from fvis.torch_checkpoint import load_legacy_state_dict
 
 LITE0_CHECKPOINT = "efficientnet-lite0-57934424.pth"
-
-
-def cache_dir():
-    """The user's fvis cache folder: $FVIS_CACHE_DIR, else $XDG_CACHE_HOME/fvis, else ~/.cache/fvis."""
-    root = os.environ.get("FVIS_CACHE_DIR")
-    if not root:
-        root = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "fvis"
-    return Path(root)
 
 
 def lite0_checkpoint_path():

@@ -1,0 +1,179 @@
+"""A whole run in a folder, from Python: what the `fvis` command writes, in one call.
+
+    model = fvis.models.efficientnet_lite0(image_size=(160, 160))
+    fvis.run_job(model, "block4c_add", "0:16", "out/lite0")              # grid, tiles, report.html
+    fvis.run_job(model, fvis.objectives.channel, "0:8", "out/atlas",
+                 layers=["block3b_add", "block4c_add"])                    # + atlas.png, index.html
+
+A run folder holds the grid, one PNG per unit, the raw images, results.json, the
+quality report and finished chunks (see `fvis.outputs`); a whole-model job puts
+each layer in `layers/NNN_<layer>/` and adds the atlas (see `fvis.atlas`). Running
+the same job in the same folder again resumes it.
+"""
+
+import dataclasses
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from tqdm.auto import tqdm
+
+from fvis import atlas, objectives as objectives_lib, outputs, quality as quality_lib, report
+from fvis.errors import InvalidTypeError
+from fvis.models import as_vis_model
+from fvis.settings import Display, Quality, Settings
+from fvis.visualize import prepare
+
+
+class Outcome(NamedTuple):
+    """What `run_job` did.
+
+    results: the dict written to the folder's results.json.
+    attempt: this attempt's record in run.json (status, timings, chunk counts, ...).
+    """
+
+    results: dict
+    attempt: dict
+
+
+def run_job(model, objective, units, folder, *, layers=None, param=None, transform=None, optimizer=None,
+            settings=None, display=Display(), quality=Quality(), config=None, devices=None, progress="auto",
+            attempt=None):
+    """Runs a job resumably in `folder` and writes what the `fvis` command writes.
+
+    Args:
+        model: an `fvis.models.VisModel` (or a Keras model, see `fvis.prepare`).
+        objective: for one layer, an `Objective` or a layer path (= channel objective);
+            with `layers`, a function layer path -> `Objective` (e.g. `fvis.objectives.channel`,
+            or `functools.partial(fvis.objectives.neuron, position=(3, 3))`), None for channel.
+        units: which units (see `fvis.units.parse_units`); with `layers`, read for the widest
+            layer and cut to each ("0:64": the first 64, or all a layer has).
+        folder: the run folder (created).
+        layers: None for one layer, or a whole-model job's layers: "all", paths, glob
+            patterns, or a list of them (see `fvis.atlas.select_layers`).
+        param, transform, optimizer: the components (see `fvis.prepare`).
+        settings: an `fvis.Settings`.
+        display: an `fvis.Display` (tiles and grid).
+        quality: an `fvis.Quality`; the photos of `natural_images` are read before any compute.
+        config: a JSON-able dict that identifies the computation; it is recorded in
+            results.json and finished chunks are reused only under an equal one. The
+            command passes its resolved config. By default fvis describes the job itself,
+            naming components by their repr: default components (None) resume in a later
+            process, while components built in Python do so only within this process.
+        devices: see `fvis.prepare`.
+        progress: True, False, or "auto" (bars when stderr is a terminal).
+        attempt: a run.json attempt record to fill (the command opens one around building
+            the model too); by default `run_job` records its own attempt.
+
+    Returns:
+        An `Outcome`.
+
+    Raises:
+        The errors of `fvis.prepare`, `fvis.atlas.select_layers` and `fvis.quality.load_photos`,
+        before any compute; NonFiniteError from the optimisation (finished chunks are kept).
+    """
+    if attempt is None:
+        with outputs.attempt(folder) as record:
+            return run_job(model, objective, units, folder, layers=layers, param=param, transform=transform,
+                           optimizer=optimizer, settings=settings, display=display, quality=quality, config=config,
+                           devices=devices, progress=progress, attempt=record)
+    start = time.perf_counter()
+    model, settings = as_vis_model(model), settings or Settings()
+    components = dict(param=param, transform=transform, optimizer=optimizer, settings=settings, devices=devices)
+    jobs = _prepare_jobs(model, objective, units, layers, components)
+    finish = quality_step(quality, model, seed=settings.seed)
+    if config is None:
+        config = _describe(objective, units, layers, param, transform, optimizer, settings, display, quality)
+    shown = dataclasses.asdict(display)
+    if layers is None:
+        job = jobs[0][1]
+        summary, facts = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job), display=shown,
+                                               finish=finish, progress=progress)
+    else:
+        summary, facts = _run_layers(jobs, folder, model, config, shown, finish, progress)
+    attempt.setdefault("timings", {}).update(
+        compile_s=facts["compile_s"], optimize_s=facts["optimize_s"], run_s=time.perf_counter() - start)
+    attempt["chunks"] = facts["chunks"]
+    return Outcome(summary, attempt)
+
+
+def _prepare_jobs(model, objective, units, layers, components):
+    """[(layer or None, Job)], every one checked before anything is compiled."""
+    if layers is None:
+        return [(None, prepare(model, objective, units, **components))]
+    per_layer = objectives_lib.channel if objective is None else objective
+    if isinstance(per_layer, (objectives_lib.Objective, str)) or not callable(per_layer):
+        raise InvalidTypeError(f"A whole-model job (layers=...) needs an objective per layer: a function "
+                               f"layer -> Objective such as fvis.objectives.channel (from the command line: "
+                               f"channel, neuron, deepdream). Received: objective={objective!r}")
+    paths = atlas.select_layers(model, layers)
+    channels = {layer: atlas.channels(model, layer) for layer in paths}
+    widest = max(channels.values())
+    return [(layer, prepare(model, per_layer(layer), atlas.units_for_layer(units, channels[layer], widest, layer),
+                            **components))
+            for layer in paths]
+
+
+def quality_step(quality, model, *, seed=0):
+    """The quality report as a `fvis.outputs.run_and_write` finish step, or None when disabled.
+
+    The photos of `quality.natural_images` are loaded here, before any compute, so a bad
+    folder fails at start-up.
+    """
+    if not quality.enabled:
+        return None
+    folder = quality.natural_images
+    natural = quality_lib.load_photos(folder, model.image_size, channels=model.channels) if folder else None
+
+    def finish(job, result, folder, summary):
+        start = time.perf_counter()
+        records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
+                                                   natural=natural, draws=quality.draws, seed=seed)
+        summary["timings"]["quality_s"] = time.perf_counter() - start
+        return report.write(folder, summary, records, run_summary, natural=natural)
+
+    return finish
+
+
+def _describe(objective, units, layers, param, transform, optimizer, settings, display, quality):
+    """The default `config` of a job run from Python (see `run_job`)."""
+    name = getattr(objective, "name", None) or getattr(objective, "__name__", None) or repr(objective)
+    return {"objective": name, "filters": repr(units), "layers": layers, "param": repr(param),
+            "transform": repr(transform), "optimizer": repr(optimizer), **dataclasses.asdict(settings),
+            "display": dataclasses.asdict(display), "quality": dataclasses.asdict(quality)}
+
+
+def _meta(model, job, layer=None):
+    layer = {} if layer is None else {"layer": layer}
+    return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
+            "loop": job.loop}
+
+
+def _run_layers(jobs, out_dir, model, config, display, finish, progress):
+    """Runs a whole-model job layer by layer, then writes the atlas and the top results.json."""
+    entries, rows, parts = [], [], []
+    overall = tqdm(total=sum(len(job.units) for _, job in jobs), unit="filter", desc="all layers",
+                   disable=None if progress == "auto" else not progress)
+    with overall:
+        for index, (layer, job) in enumerate(jobs):
+            overall.set_postfix_str(layer)
+            folder = Path(out_dir) / atlas.layer_folder(index, layer)
+            summary, done = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job, layer),
+                                                  display=display, finish=finish, progress=progress)
+            overall.update(len(job.units))
+            parts.append((layer, done))
+            entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
+            rows.append(atlas.layer_row(folder, summary))
+    title = f"{model.name}: {jobs[0][1].objective.name.split('(')[0]} over {len(jobs)} layers"
+    atlas.write_atlas(out_dir, title, entries, rows, margin=display["margin"])
+    summary = {"config": config, "model": model.name, "image_size": list(model.image_size), "layers": entries}
+    outputs.atomic_write_json(Path(out_dir) / "results.json", summary)
+    return summary, _merge_facts(parts)
+
+
+def _merge_facts(parts):
+    """One attempt's facts from each layer's: seconds and chunk counts summed."""
+    chunks = {key: sum(done["chunks"][key] for _, done in parts) for key in ("total", "reused", "computed")}
+    chunks["recomputed_bad"] = [f"{layer}:{i}" for layer, done in parts for i in done["chunks"]["recomputed_bad"]]
+    return {"compile_s": sum(done["compile_s"] for _, done in parts),
+            "optimize_s": sum(done["optimize_s"] for _, done in parts), "chunks": chunks}
