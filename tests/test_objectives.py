@@ -56,9 +56,24 @@ def test_regularizers_on_known_images():
     assert value(reg.blur(), flat) == pytest.approx(0, abs=1e-12) and value(reg.blur(), stripes) > 0.1
 
 
+def binomial_blur(x):
+    """The 3x3 binomial blur, (1, 2, 1) / 4 along each axis, edges replicated: a numpy restatement."""
+    x = np.asarray(x, np.float64)
+    h, w = x.shape[:2]
+    padded, k = np.pad(x, ((1, 1), (1, 1), (0, 0)), mode="edge"), np.array([1.0, 2.0, 1.0]) / 4
+    return sum(k[i] * k[j] * padded[i: i + h, j: j + w] for i in range(3) for j in range(3))
+
+
 def test_blur_gradient_moves_the_image_towards_its_blur():
     grad = jax.grad(lambda x: reg.blur()({obj.INPUT: x}, 0))(IMAGE)
-    np.testing.assert_allclose(grad, (IMAGE - reg._blur3(IMAGE)) / IMAGE.size, atol=1e-7)
+    np.testing.assert_allclose(grad, (IMAGE - binomial_blur(IMAGE)) / IMAGE.size, atol=1e-7)
+    # A dot in the middle blurs to 4/16 there, 2/16 beside it, 1/16 diagonally; one in a corner, with the edge
+    # replicated, keeps 4/16 + 2 * 2/16 + 1/16 = 9/16.
+    dots = jnp.zeros((5, 5, 1)).at[2, 2, 0].set(1.0).at[0, 0, 0].set(1.0)
+    grad = np.asarray(jax.grad(lambda x: reg.blur()({obj.INPUT: x}, 0))(dots))[..., 0] * 25  # x - blur(x)
+    assert grad[2, 2] == pytest.approx(1 - 4 / 16) and grad[2, 3] == pytest.approx(-2 / 16)
+    assert grad[1, 3] == pytest.approx(-1 / 16) and grad[2, 4] == 0
+    assert grad[0, 0] == pytest.approx(1 - 9 / 16) and grad[0, 1] == pytest.approx(-(2 + 1) / 16)
 
 
 def test_diversity_is_minus_pairwise_gram_similarity():

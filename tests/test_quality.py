@@ -1,7 +1,6 @@
 """Quality metrics on constructed cases, and the report of a tiny run."""
 
-import jax
-import jax.numpy as jnp
+import keras
 import numpy as np
 import pytest
 
@@ -50,12 +49,17 @@ def run():
     return model, fvis.prepare(model, "conv2", "0:5"), result
 
 
+def keras_channel_means(model, layer, images):
+    """(M, H, W, C) images -> (M, channels): the channel objective (border 2) in inference mode, by Keras."""
+    sub = keras.Model(model.model.inputs, model.model.get_layer(layer).output)
+    return np.asarray(sub(np.asarray(images, np.float32), training=False))[:, 2:-2, 2:-2].mean(axis=(1, 2))
+
+
 def test_unit_values_match_the_forward_pass(run):
     model, job, result = run
     flat = result.images.reshape(-1, 32, 40, 3)
-    values = quality.unit_values(job.forward, job.objective, flat, result.units, batch_size=3)
-    acts = job.forward(job.forward.weights(), jnp.asarray(flat[4]))["conv2"]
-    np.testing.assert_allclose(values[4], np.asarray(acts[2:-2, 2:-2].mean(axis=(0, 1)))[:5], rtol=1e-5)
+    values = quality.unit_values(job.forward, job.objective, flat, result.units, batch_size=3)  # 10 = 3 + 3 + 3 + 1
+    np.testing.assert_allclose(values, keras_channel_means(model, "conv2", flat)[:, :5], rtol=1e-4, atol=1e-6)
 
 
 def test_measure_reports_every_image(run, tmp_path):
@@ -67,15 +71,16 @@ def test_measure_reports_every_image(run, tmp_path):
     np.testing.assert_allclose([r["activation"] for r in records], result.final.ravel(), rtol=1e-4, atol=1e-5)
     ranks = np.array([r["selectivity_rank"] for r in records])
     assert ranks.min() >= 1 and ranks.max() <= 5 and summary["rank1_fraction"] == np.mean(ranks == 1)
-    photo_values = quality.unit_values(job.forward, job.objective, photos[1], result.units)
+    photo_values = keras_channel_means(model, "conv2", photos[1])[:, :5]
     for i, r in enumerate(records):
         unit_column = i // 2
         best = photo_values[:, unit_column].max()
         if unit_column in (0, 2, 4):  # their own images are among the photos
             assert best > 0
-        assert r["natural_ratio"] == (pytest.approx(r["activation"] / best, rel=1e-5) if best > 0 else None)
+        assert r["natural_ratio"] == (pytest.approx(r["activation"] / best, rel=1e-4) if best > 0 else None)
         tops = [t["activation"] for t in r["top_natural"]]
-        assert len(tops) == 2 and tops[0] >= tops[1] and tops[0] == pytest.approx(photo_values[:, unit_column].max())
+        assert len(tops) == 2 and tops[0] >= tops[1]
+        assert tops[0] == pytest.approx(photo_values[:, unit_column].max(), rel=1e-4)
         assert np.isfinite(r["spectral_slope"]) and (r["robustness"] is None or r["robustness"] > 0)
     assert summary["natural_images"] == 3 and summary["settings"]["draws"] == 4
 
