@@ -55,9 +55,9 @@ def test_dead_filters_are_exactly_the_dead_channels(dead_run):
     assert [f["dead"] for f in results["filters"]] == [u in DEAD for u in range(6)]
     for f in results["filters"]:
         if f["unit"] in DEAD:
-            assert f["final"] == 0.0 and f["loss_curve"] == [0.0, 0.0, 0.0]
+            assert f["final"] == 0.0 and f["objective_curve"] == [0.0, 0.0, 0.0]
         else:  # about 1 (the bias) at the start, then rising
-            assert 0.5 < f["loss_curve"][0] < f["loss_curve"][1] < f["loss_curve"][2] < f["final"]
+            assert 0.5 < f["objective_curve"][0] < f["objective_curve"][1] < f["objective_curve"][2] < f["final"]
 
 
 def test_report_counts_the_dead_units(dead_run):
@@ -154,7 +154,7 @@ def keras_preprocess(name):
 
 def fvis_space(name):
     """The input space `fvis.models.keras_application(name)` gives a model (its family's, else "tf")."""
-    return models._APPLICATION_SPACES.get(name, "tf")
+    return models.keras_models._APPLICATION_SPACES.get(name, "tf")
 
 
 def synthetic_photo(h=24, w=40):
@@ -169,7 +169,7 @@ def synthetic_photo(h=24, w=40):
 def check_every_application_space(photo):
     fvis_image = photo.astype(np.float32) / 127.5 - 1.0  # the fvis image of a uint8 photo
     names = sorted(n for n in dir(keras.applications) if n[0].isupper())  # every application Keras has
-    assert set(models._APPLICATION_SPACES) <= set(names) and len(names) >= 40
+    assert set(models.keras_models._APPLICATION_SPACES) <= set(names) and len(names) >= 40
     wrong = []
     for name in names:
         expected = np.asarray(keras_preprocess(name)(photo.astype(np.float32).copy()))  # it works in place

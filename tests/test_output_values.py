@@ -137,5 +137,5 @@ def test_images_npz_and_results_json_hold_the_results_values(tmp_path, tiny):
     for k, record in enumerate(records):
         i, j = divmod(k, 2)
         assert np.float32(record["final"]) == result.final[i, j]
-        np.testing.assert_array_equal(np.float32(record["loss_curve"]), result.curves[i, j])
+        np.testing.assert_array_equal(np.float32(record["objective_curve"]), result.curves[i, j])
         assert record["dead"] is False

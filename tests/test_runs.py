@@ -16,10 +16,11 @@ def composed(*overrides):
 
 
 def files(folder):
-    """{relative path: bytes} of every file a run wrote, less the attempt record and timings."""
+    """{relative path: bytes} of every file a run wrote, less the attempt record, the timings and the
+    chunks (they carry the fingerprint of the config that made them)."""
     out = {}
     for path in sorted(folder.rglob("*")):
-        if path.is_file() and path.name != "run.json":
+        if path.is_file() and path.name != "run.json" and path.parent.name != "chunks":
             data = json.loads(path.read_text()) if path.name == "results.json" else path.read_bytes()
             if isinstance(data, dict):
                 data.pop("config", None)

@@ -15,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     out = {"devices": jax.device_count()}
     for loop in ("scan", "host"):
         one = fvis.visualize(model, "conv3", "0:10", steps=3, batch_size=4, loop=loop, devices=jax.devices()[:1],
-                             compilation_cache=False, progress=False)
+                             progress=False)
         job = fvis.prepare(model, "conv3", "0:10", steps=3, batch_size=3, loop=loop)
         many = job.run(progress=False)
         weights = job.placed_weights()

@@ -21,15 +21,15 @@ TINY_MAPS = ["conv1", "bn1", "relu1", "conv2", "drop", "relu2", "pool", "conv3",
 
 
 def test_layer_specs_select_feature_maps_in_model_order(tiny):
-    assert atlas.select_layers(tiny.model, "all") == TINY_MAPS  # gap and logits are vectors
-    assert atlas.select_layers(tiny.model, "relu*") == ["relu1", "relu2", "relu3"]
-    assert atlas.select_layers(tiny.model, ["conv3", "relu*", "conv3"]) == ["conv3", "relu1", "relu2", "relu3"]
+    assert atlas.select_layers(tiny, "all") == TINY_MAPS  # gap and logits are vectors
+    assert atlas.select_layers(tiny, "relu*") == ["relu1", "relu2", "relu3"]
+    assert atlas.select_layers(tiny, ["conv3", "relu*", "conv3"]) == ["conv3", "relu1", "relu2", "relu3"]
     with pytest.raises(UnknownNameError, match="Did you mean 'conv3'"):
-        atlas.select_layers(tiny.model, ["conv3", "conv33"])
+        atlas.select_layers(tiny, ["conv3", "conv33"])
     with pytest.raises(UnknownNameError, match="matches no feature-map layer"):
-        atlas.select_layers(tiny.model, "block*_add")
+        atlas.select_layers(tiny, "block*_add")
     with pytest.raises(InvalidValueError):
-        atlas.select_layers(tiny.model, [])
+        atlas.select_layers(tiny, [])
 
 
 def test_filters_are_cut_to_each_layer():
