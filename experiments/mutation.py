@@ -53,6 +53,7 @@ import re
 import signal
 import subprocess
 import sys
+import textwrap
 import threading
 import time
 import warnings
@@ -568,7 +569,7 @@ def write_report(out, modules, settings):
         "",
     ]
     if settings.get("note"):
-        lines += [f"Note: {settings['note']}", ""]
+        lines += [textwrap.fill(f"Note: {settings['note']}", 100), ""]
     lines += [
         f"Commit `{settings['commit'][:12]}`, {settings['date']}, seed {settings['seed']}, "
         f"{settings['jobs']} job(s) at a time, cosmic-ray {settings['cosmic_ray']}, "
