@@ -18,7 +18,7 @@ functions unmutated.
   binary-operator swaps to bitwise/shift/matmul operators (on floats and arrays those only raise a
   TypeError: killed by any test that reaches the line, so they would inflate the score), the
   SyntaxErrors cosmic-ray 8.7 makes of `def f(*, x)` and `f(**kw)` (`KEYWORD_ONLY_STAR`), and lines
-  marked `# pragma: no mutate`. `models.py` is mutated only in its input-space code (`SCOPE`).
+  marked `# pragma: no mutate`. `SCOPE` can restrict a module to some of its top-level names.
 - Each module's mutants form its pool; `--sample N` takes N mutants over the chosen modules, at
   least `--min-per-module` each (optim.py, chunks.py and render.py have small pools), the rest in
   proportion to each module's pool (a stratified sample), drawn with `--seed`.
@@ -74,14 +74,20 @@ REPO = Path(__file__).resolve().parents[1]
 _BAD = "tests/test_bad_inputs.py::"
 _CHECKS = "tests/test_input_checks.py::"
 _RESUME = "tests/test_resume.py::"
+_CONFIG = "tests/test_config_flow.py::"
+_VALUES = "tests/test_model_values.py::"
 TESTS = {
     "optim": ["tests/test_render.py::test_default_step_equals_reference_restatement",
               "tests/test_render.py::test_objective_rises_for_live_filters",
               _BAD + "test_gradient_normalisation_is_finite_at_zero",
-              _BAD + "test_bad_config_values_print_one_line_before_compute"],  # lr=0
+              _BAD + "test_bad_config_values_print_one_line_before_compute",  # lr=0
+              _CONFIG + "test_lr_reaches_the_reference_optimiser"],
     "render": ["tests/test_render.py",
                "tests/test_perf.py::test_bfloat16_computes_the_model_in_bfloat16_and_changes_images_little",
-               "tests/test_perf.py::test_steady_state_step_is_the_render_step"],
+               "tests/test_perf.py::test_steady_state_step_is_the_render_step",
+               _VALUES + "test_each_image_of_a_unit_takes_its_own_normalised_step",
+               _VALUES + "test_the_first_image_of_a_unit_is_the_single_image_runs",
+               "tests/test_output_values.py"],
     "objectives": ["tests/test_objectives.py",
                    _BAD + "test_objective_settings_out_of_range_are_refused_before_compute",
                    _BAD + "test_neuron_position_picks_that_position",
@@ -89,11 +95,12 @@ TESTS = {
                    _BAD + "test_flatten_output_takes_a_neuron_objective"],
     "params": ["tests/test_params.py"],
     "transforms": ["tests/test_transforms.py"],
-    "quality": ["tests/test_quality.py", "tests/test_report.py::test_write_merges_figures_and_links_existing_files"],
-    "models": ["tests/test_models.py::test_input_space_reaches_first_layer",
-               _BAD + "test_preprocessing_inside_the_model_receives_its_own_range"],
+    "quality": ["tests/test_quality.py", "tests/test_quality_values.py",
+                "tests/test_report.py::test_write_merges_figures_and_links_existing_files"],
+    "models.base": ["tests/test_model_values.py", "tests/test_keras_models.py",
+                    _BAD + "test_preprocessing_inside_the_model_receives_its_own_range"],
     "regularizers": ["tests/test_objectives.py", _BAD + "test_every_traced_norm_and_std_has_a_finite_gradient_at_zero"],
-    "cli": ["tests/test_input_checks.py",
+    "cli": ["tests/test_input_checks.py", "tests/test_config_flow.py",
             _BAD + "test_bad_config_values_print_one_line_before_compute",
             "tests/test_cli.py::test_every_component_config_instantiates",
             "tests/test_cli.py::test_every_experiment_preset_composes",
@@ -101,6 +108,11 @@ TESTS = {
             _RESUME + "test_display_settings_reuse_chunks_but_compute_settings_do_not",
             _RESUME + "test_a_smaller_job_in_a_used_folder_leaves_no_stale_tiles_chunks_or_report",
             _RESUME + "test_failed_attempt_is_recorded_and_cleared_by_a_later_success"],
+    "settings": ["tests/test_input_checks.py", _BAD + "test_bad_config_values_print_one_line_before_compute",
+                 _CONFIG + "test_seed_reaches_the_job", _CONFIG + "test_steps_reach_the_loop",
+                 _CONFIG + "test_images_per_unit_reaches_the_job", _CONFIG + "test_precision_bfloat16_reaches_the_model"],
+    "runs": ["tests/test_runs.py", "tests/test_output_values.py", _VALUES + "test_report_counts_the_dead_units",
+             _RESUME + "test_job_killed_between_chunks_resumes_to_identical_files"],
     "chunks": ["tests/test_perf.py::test_host_loop_equals_scan_loop",
                "tests/test_perf.py::test_no_device_to_host_transfer_inside_a_chunk",
                "tests/test_perf.py::test_bad_loop_and_precision_are_refused_before_compiling",
@@ -114,9 +126,11 @@ TESTS = {
                 _RESUME + "test_failed_attempt_is_recorded_and_cleared_by_a_later_success",
                 _RESUME + "test_resuming_with_another_batch_size_recomputes_every_chunk",
                 "tests/test_report.py::test_write_merges_figures_and_links_existing_files",
-                _BAD + "test_dead_unit_gets_a_gray_tile_in_its_own_cell_and_a_flag"],
+                _BAD + "test_dead_unit_gets_a_gray_tile_in_its_own_cell_and_a_flag",
+                _VALUES + "test_dead_filters_are_exactly_the_dead_channels",
+                "tests/test_output_values.py::test_images_npz_and_results_json_hold_the_results_values"],
     "units": ["tests/test_units.py", _BAD + "test_filters_all_gives_exactly_every_channel"],
-    "images": ["tests/test_images.py",
+    "images": ["tests/test_images.py", "tests/test_output_values.py::test_clip_display_of_known_pixel_values",
                _CHECKS + "test_16_bit_png_is_scaled_by_its_bit_depth",
                _CHECKS + "test_corrupt_photo_is_named_when_loaded",
                _CHECKS + "test_corrupt_file_in_natural_images_folder_is_named",
@@ -125,10 +139,7 @@ TESTS = {
 }
 
 # Top-level names whose code is mutated; modules not listed are mutated whole.
-SCOPE = {
-    "models": ["_IMAGENET_MEAN", "_IMAGENET_STD", "_CAFFE_MEAN_BGR", "INPUT_SPACES", "_APPLICATION_SPACES",
-               "VisModel", "_check_space", "keras_application"],
-}
+SCOPE = {}
 
 # Swaps to these operators only raise TypeError on floats and arrays (see the docstring).
 EXCLUDED_OPERATORS = re.compile(r"^core/ReplaceBinaryOperator_\w+_(LShift|RShift|BitOr|BitAnd|BitXor|MatMult)$")
@@ -156,7 +167,7 @@ class Module:
 
     @property
     def path(self):
-        return f"fvis/{self.name}.py"
+        return f"fvis/{self.name.replace('.', '/')}.py"  # "models.base" -> fvis/models/base.py
 
 
 def git(*args, cwd=REPO):
@@ -565,7 +576,7 @@ def write_report(out, modules, settings):
         "An interrupted run continues when the same command is run again. Killed: the module's tests",
         "fail, or run past its timeout (the larger of --min-timeout and --timeout-factor x baseline).",
         "Swaps of binary operators to bitwise, shift and matmul ones are left out (on floats they only",
-        "raise TypeError), and `models.py` is mutated only in its input-space code.",
+        "raise TypeError).",
         "",
     ]
     if settings.get("note"):
