@@ -86,9 +86,12 @@ def mismatches(golden, fresh, keys):
         if key in EXACT:
             if np.shape(g) != np.shape(f) or not np.array_equal(g, f):
                 lines.append(f"{key}: golden {np.asarray(g).tolist()} != now {np.asarray(f).tolist()}")
+        elif np.shape(g) != np.shape(f):
+            lines.append(f"{key}: shape {np.shape(g)} -> {np.shape(f)}")
+        elif np.any(np.isnan(g) != np.isnan(f)):
+            lines.append(f"{key}: NaN (None) where golden {np.isnan(g).tolist()} != now {np.isnan(f).tolist()}")
         elif (d := scaled_difference(g, f)) > TOLERANCES[key]:
-            shapes = "" if np.shape(g) == np.shape(f) else f" (shape {np.shape(g)} -> {np.shape(f)})"
-            lines.append(f"{key}: max |difference| = {d:.3g} of max |golden| > {TOLERANCES[key]:g}{shapes}")
+            lines.append(f"{key}: max |difference| = {d:.3g} of max |golden| > {TOLERANCES[key]:g}")
     return lines
 
 
