@@ -20,7 +20,7 @@ split with `nnx.split` and merged inside the traced function.
 """
 
 import importlib
-import sys
+from importlib import metadata
 from pathlib import Path
 
 import jax
@@ -439,5 +439,8 @@ def restore_checkpoint(folder, target):
 
 
 def framework_versions():
-    """{framework: version} of Flax where it was imported (a Flax model was built), for run records."""
-    return {"flax": sys.modules["flax"].__version__} if "flax" in sys.modules else {}
+    """{framework: version} of Flax where it is installed (read without importing it), for run records."""
+    try:
+        return {"flax": metadata.version("flax")}
+    except metadata.PackageNotFoundError:
+        return {}
