@@ -34,6 +34,8 @@ def model_overrides(name, tmp_path, tiny):
     if name == "mobilenet":
         weights = SHARED / "weights" / "mobilenet_0.25_224.weights.h5"
         return [f"model.weights={weights if weights.exists() else 'null'}"]
+    if name == "flax":
+        return ["model.factory=tests.test_flax_models:make_cnn", "layer=conv3"]
     if name in ("resnet50v2", "vgg16", "efficientnet_b0"):
         return ["model.weights=null"]
     return []
