@@ -1,0 +1,63 @@
+"""Values that mutation testing (experiments/results/mutation.md) found unchecked, each against a hand value."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from fvis import cli, objectives, transforms
+from fvis.models import INPUT_SPACES, VisModel
+
+
+def test_unit_raw255_and_torch_spaces_on_hand_values_in_colour_and_gray():
+    x = np.array([-1.0, 0.0, 1.0], np.float32)
+    np.testing.assert_allclose(INPUT_SPACES["unit"](x[:, None]), [[0.0], [0.5], [1.0]])
+    np.testing.assert_allclose(INPUT_SPACES["raw255"](x[:, None]), [[0.0], [127.5], [255.0]])
+    gray = INPUT_SPACES["torch"](np.zeros((4, 4, 1), np.float32))  # one grayscale image
+    assert gray.shape == (4, 4, 1)
+    np.testing.assert_allclose(gray, (0.5 - 0.485) / 0.229, rtol=1e-6)  # the red channel's statistics
+    caffe = INPUT_SPACES["caffe"](np.zeros((4, 4, 1), np.float32))
+    assert caffe.shape == (4, 4, 1)
+    np.testing.assert_allclose(caffe, 127.5 - 103.939, rtol=1e-6)
+
+
+def test_a_model_source_must_implement_the_whole_interface():
+    assert VisModel.__abstractmethods__ == {"layer_paths", "output_shapes", "feature_map_paths", "weights", "call",
+                                            "default_path"}
+
+    class Partial(VisModel):
+        def layer_paths(self):
+            return []
+
+    with pytest.raises(TypeError, match="abstract"):
+        Partial(input_space="tf", image_size=(8, 8), channels=3, name="partial")
+
+
+def test_objectives_multiply_value_by_value():
+    a = objectives.Objective(lambda acts, unit: acts["x"][unit], layers=["x"])
+    b = objectives.Objective(lambda acts, unit: 2.0 + acts["x"][unit], layers=["x"])
+    acts = {"x": jnp.array([3.0, -0.5])}
+    assert float((a * b)(acts, 0)) == 15.0 and float((a * b)(acts, 1)) == -0.75
+
+
+def test_jitter_shifts_cover_minus_d_to_d_evenly():
+    d, size = 2, 9
+    image = jnp.zeros((size, size, 1)).at[size // 2, size // 2, 0].set(1.0)
+    shift = transforms.jitter(d, fill=0.0)
+    seen = []
+    for i in range(400):
+        moved = np.asarray(shift(jax.random.key(i), image))[..., 0]
+        y, x = np.argwhere(moved == 1.0)[0]
+        seen.append((y - size // 2, x - size // 2))
+    offsets = np.array(seen)
+    assert set(offsets[:, 0]) == set(offsets[:, 1]) == set(range(-d, d + 1))
+    assert abs(offsets.mean()) < 0.2  # symmetric: no side favoured
+
+
+def test_long_run_folder_names_are_cut_to_the_limit_with_a_hash():
+    short = cli.run_dir_name("lr=5,steps=30")
+    long_overrides = ",".join(f"param.key{i}=value{i}" for i in range(20))
+    name = cli.run_dir_name(long_overrides)
+    assert short == "lr=5,steps=30"
+    assert len(name) == 120 and name.startswith(long_overrides[:107]) and name[107] == "-"
+    assert name != cli.run_dir_name(long_overrides + "x")  # different overrides, different folders
