@@ -61,3 +61,36 @@ def test_long_run_folder_names_are_cut_to_the_limit_with_a_hash():
     assert short == "lr=5,steps=30"
     assert len(name) == 120 and name.startswith(long_overrides[:107]) and name[107] == "-"
     assert name != cli.run_dir_name(long_overrides + "x")  # different overrides, different folders
+
+
+def test_display_defaults_are_the_references_layout():
+    from fvis import Display
+    assert (Display().mode, Display().crop, Display().margin) == ("seed", 25, 5)  # ../shared/seed: 25 px crop, 5 px margins
+
+
+def test_whole_model_job_takes_the_given_objective_per_layer_and_records_channels(tiny, tmp_path):
+    import functools
+    import json
+
+    import fvis
+
+    kwargs = dict(settings=fvis.Settings(steps=1), display=fvis.Display(crop=2), quality=fvis.Quality(enabled=False))
+    neuron = functools.partial(objectives.neuron, position=(1, 2))
+    fvis.run_job(tiny, neuron, [0], tmp_path / "neuron", layers=["conv1", "conv2"], **kwargs)
+    fvis.run_job(tiny, None, [0], tmp_path / "channel", layers=["conv1"], **kwargs)
+    layers = json.loads((tmp_path / "neuron" / "results.json").read_text())["layers"]
+    assert [(e["layer"], e["channels"]) for e in layers] == [("conv1", 8), ("conv2", 16)]
+    first = json.loads((tmp_path / "neuron" / layers[0]["folder"] / "results.json").read_text())
+    assert first["objective"] == "neuron(conv1)"
+    default = json.loads((tmp_path / "channel" / "layers/000_conv1/results.json").read_text())
+    assert default["objective"] == "channel(conv1)"
+
+
+def test_the_loop_setting_chooses_the_compiled_form(tiny):
+    import fvis
+
+    scan = fvis.prepare(tiny, "conv2", [0], steps=2, loop="scan")
+    host = fvis.prepare(tiny, "conv2", [0], steps=2, loop="host")
+    weights = scan.placed_weights()
+    assert isinstance(scan.compile(weights)[0], jax.stages.Compiled)  # one compiled call per chunk
+    assert not isinstance(host.compile(weights)[0], jax.stages.Compiled)  # a Python loop over a compiled step
