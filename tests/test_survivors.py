@@ -94,3 +94,70 @@ def test_the_loop_setting_chooses_the_compiled_form(tiny):
     weights = scan.placed_weights()
     assert isinstance(scan.compile(weights)[0], jax.stages.Compiled)  # one compiled call per chunk
     assert not isinstance(host.compile(weights)[0], jax.stages.Compiled)  # a Python loop over a compiled step
+
+
+def test_messages_name_the_maps_height_and_width_in_order():
+    from fvis import models
+    from fvis.errors import InvalidValueError
+    import fvis
+
+    model = models.tiny_convnet(image_size=(8, 12))  # conv2: an 8x12 map of 16 channels; conv3: 4x6
+    with pytest.raises(InvalidValueError, match="outputs a 4x6 map"):
+        fvis.prepare(model, objectives.channel("conv3", border=2), [0])
+    with pytest.raises(InvalidValueError, match=r"use 0 <= y < 8, 0 <= x < 12\."):
+        fvis.prepare(model, objectives.neuron("conv2", position=(0, 20)), [0])
+
+
+def test_direction_accepts_a_layer_of_more_than_256_channels():
+    from fvis import models
+    import fvis
+
+    model = models.tiny_convnet(image_size=(8, 8), width=80)  # conv3: 320 channels (ints above CPython's cache)
+    vectors = np.zeros((2, 320), np.float32)
+    vectors[0, 5], vectors[1, 300] = 1.0, 1.0
+    job = fvis.prepare(model, objectives.direction("conv3", vectors, border=0), "all")
+    assert job.units.tolist() == [0, 1]
+
+
+def test_robustness_defaults_are_the_reports_moves(tiny):
+    from fvis import quality
+    import fvis
+
+    job = fvis.prepare(tiny, "conv2", [0, 1])
+    images = np.random.default_rng(0).uniform(-0.5, 0.5, (2, 32, 32, 3)).astype(np.float32)
+    default = quality.robustness(job.forward, job.objective, images, [0, 1], draws=2)
+    explicit = quality.robustness(job.forward, job.objective, images, [0, 1], draws=2, jitter=8, scale=0.1)
+    np.testing.assert_array_equal(default, explicit)  # the documented +-8 px, +-10 %
+
+
+def test_each_image_of_a_unit_gets_its_own_tile_file(tiny, tmp_path):
+    import fvis
+    from fvis import images, outputs
+
+    kwargs = dict(settings=fvis.Settings(steps=1, images_per_unit=3), display=fvis.Display(crop=2),
+                  quality=fvis.Quality(enabled=False))
+    fvis.run_job(tiny, "conv2", [4, 1], tmp_path, **kwargs)
+    with np.load(tmp_path / "images.npz") as data:
+        raw = data["images"]  # (2 units, 3 images, 32, 32, 3)
+    for i, unit in enumerate([4, 1]):
+        for j in range(3):
+            tile = images.load_png(tmp_path / "filters" / f"filter_{unit:04d}_{j}.png")
+            np.testing.assert_array_equal(tile, images.deprocess(raw[i, j], crop=2))
+
+
+def test_unit_index_errors_name_the_last_index_as_an_integer():
+    from fvis.errors import UnitIndexError
+    from fvis.units import parse_units
+
+    with pytest.raises(UnitIndexError, match=r"reaches index 2147483652;"):
+        parse_units(f"0:{2**31 + 5}", None)
+
+
+def test_a_crop_larger_than_half_the_image_is_refused():
+    from fvis.errors import InvalidValueError
+    from fvis.images import check_display
+
+    for crop in (16, 20):
+        with pytest.raises(InvalidValueError, match=f"crop={crop} leaves no pixels of a 32x32 image"):
+            check_display((32, 32), crop=crop)
+    check_display((32, 32), crop=15)
