@@ -184,7 +184,7 @@ def tests_for(name, root=REPO):
 
 
 def test_command(tests):
-    return [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *tests]
+    return [sys.executable, "-m", "pytest", "-x", "-q", "-n", "0", "-p", "no:cacheprovider", *tests]  # serial: one mutant
 
 
 # --- clones --------------------------------------------------------------------------------------
