@@ -107,10 +107,15 @@ def _check_arg_types(node, key):
 
 
 def _defaults(target):
+    hydra_log = logging.getLogger("hydra.utils")
+    level = hydra_log.level
+    hydra_log.setLevel(logging.CRITICAL)  # get_object logs a failure before raising; instantiate reports it in one line
     try:
         parameters = inspect.signature(get_object(target)).parameters.values() if target else ()
     except (ImportError, AttributeError, TypeError, ValueError):
         return {}  # instantiate reports an unknown target
+    finally:
+        hydra_log.setLevel(level)
     return {p.name: p.default for p in parameters if p.default is not inspect.Parameter.empty}
 
 

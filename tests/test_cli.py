@@ -114,3 +114,23 @@ def test_every_config_group_is_packaged():
     groups = {f"fvis.conf.{p.name}" for p in (root / "conf").iterdir() if p.is_dir() and p.name != "__pycache__"}
     assert groups <= set(setuptools["packages"])
     assert all(setuptools["package-data"].get(g) == ["*.yaml"] for g in groups)
+
+
+def test_a_flax_model_without_the_flax_extra_is_one_line(tmp_path, capsys, monkeypatch):
+    """Without `fvis[flax]`, the Flax configs say how to install it, in one line (exit 2)."""
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_flax(name, *args, **kwargs):
+        if name == "flax" or name.startswith(("flax.", "orbax")):
+            raise ImportError(f"No module named '{name}'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_flax)
+    cfg = composed("model=efficientnet_lite0_flax", "filters=0:1", "steps=1")
+    with pytest.raises(SystemExit) as exit_info:
+        fvis.cli.run_command(cfg, str(tmp_path / "run"))
+    errors = capsys.readouterr().err.strip().splitlines()
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "pip install 'fvis[flax]'" in errors[0]
