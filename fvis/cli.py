@@ -181,13 +181,12 @@ def run(cfg, out_dir):
         devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
         model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
         record["timings"] = {"load_model_s": time.perf_counter() - start}
-        filters = OmegaConf.to_object(cfg.filters) if OmegaConf.is_config(cfg.filters) else cfg.filters
-        layers = cfg.get("layers")
-        layers = OmegaConf.to_object(layers) if OmegaConf.is_config(layers) else layers
-        outcome = runs.run_job(model, _objective(cfg, layers), filters, out_dir, layers=layers,
+        resolved = OmegaConf.to_container(cfg, resolve=True)
+        layers = resolved.get("layers")
+        outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
                                param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
                                optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
-                               quality=quality, config=OmegaConf.to_container(cfg, resolve=True), attempt=record)
+                               quality=quality, config=resolved, attempt=record)
         record["timings"]["total_s"] = time.perf_counter() - start
     return outcome.results, record
 

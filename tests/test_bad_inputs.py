@@ -13,7 +13,7 @@ import pytest
 from hydra import compose, initialize_config_module
 
 import fvis
-from fvis import cli, images, models, numerics, objectives, optim, outputs, params, regularizers, render, transforms
+from fvis import cli, images, models, numerics, objectives, optim, outputs, params, regularizers, transforms
 from fvis.errors import InvalidValueError, NonFiniteError
 
 

@@ -1,7 +1,6 @@
 """Long jobs lose nothing: killed jobs resume to the same bytes; bad chunk files are redone."""
 
 import json
-import os
 import signal
 import subprocess
 import sys

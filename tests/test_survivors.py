@@ -132,7 +132,7 @@ def test_robustness_defaults_are_the_reports_moves(tiny):
 
 def test_each_image_of_a_unit_gets_its_own_tile_file(tiny, tmp_path):
     import fvis
-    from fvis import images, outputs
+    from fvis import images
 
     kwargs = dict(settings=fvis.Settings(steps=1, images_per_unit=3), display=fvis.Display(crop=2),
                   quality=fvis.Quality(enabled=False))

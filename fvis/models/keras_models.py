@@ -15,6 +15,7 @@ import socket
 import warnings
 from pathlib import Path
 
+import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -121,7 +122,6 @@ def _channels_last_shape(shape, axis):
 
 
 def _move_channels_last(x, axis):
-    import jax.numpy as jnp
     return jnp.moveaxis(x, axis, -1)
 
 
