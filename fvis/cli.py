@@ -57,7 +57,8 @@ def checked_settings(cfg):
     """The run's `Settings`, `Display` and `Quality` from the config, and every other plain value
     checked, before anything is loaded or compiled."""
     settings = Settings(steps=cfg.steps, batch_size=cfg.batch_size, images_per_unit=cfg.images_per_unit,
-                        seed=cfg.seed, loop=cfg.loop, precision=cfg.precision)
+                        seed=cfg.seed, loop=cfg.loop, precision=cfg.precision,
+                        redirect_relu=cfg.redirect_relu)
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)

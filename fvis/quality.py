@@ -15,6 +15,12 @@ For a finished job's images (N units x D images each, flattened to N*D):
 - natural ratio (with a folder of photos): the activation as a multiple of the best
   photo's activation for that unit, and each unit's top photos.
 
+A failed image cannot flatter a summary: an image that never moved (a dead unit, see
+`fvis.Result.dead`), and every image of a unit whose value is the same on all the
+run's images (an all-zero column, which ties at the top of any ranking), counts as a
+failure in every summary figure: not ranked first, robustness 0, spectral slope 0
+(white noise). The figures over the live images alone stand beside them.
+
 Everything runs in JAX: jitted, the model weights as arguments, images in fixed-size
 batches (one compilation per measurement).
 """
@@ -158,14 +164,15 @@ def _median(values):
     return float(np.median(values)) if len(values) else None
 
 
-def measure(forward, objective, units, images, *, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
+def measure(forward, objective, units, images, *, dead=None, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
             top_k=3, batch_size=16):
     """The quality report of a job's images.
 
     Args:
-        forward: the job's `fvis.render.Forward` (`job.forward`).
+        forward: the job's `fvis.models.Forward` (`job.forward`).
         objective: the job's `Objective`.
         units: (N,) int unit indices; images: (N, D, H, W, C) float32 in [-1, 1] space.
+        dead: optional (N, D) bool, the images that never moved (`Result.dead`).
         natural: optional (names, photos (M, H, W, C)) from `load_photos`.
         draws, jitter, scale, seed: robustness settings (see `robustness`).
         top_k: photos listed per unit.
@@ -173,33 +180,51 @@ def measure(forward, objective, units, images, *, natural=None, draws=8, jitter=
     Returns:
         (records, summary): N*D dicts in unit-major order with "activation",
         "selectivity_rank" (None for an objective without units), "robustness",
-        "spectral_slope" and, with photos, "natural_ratio" and "top_natural"; and the
-        run's summary ("rank1_fraction", "robustness_median", "spectral_slope_median",
-        "activation_median", ["natural_ratio_median"], and the settings).
+        "spectral_slope", "failed" and, with photos, "natural_ratio" and "top_natural";
+        and the run's summary: "rank1_fraction", "robustness_median",
+        "spectral_slope_median" over all images with failures counted as failures (see
+        the module docstring), "activation_median", ["natural_ratio_median"], the same
+        over the live images in "live", "failed_images", "failed_units" and the settings.
     """
     units, images = np.asarray(units), np.asarray(images, np.float32)
     n, d = images.shape[:2]
     flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
     values = unit_values(forward, objective, flat, units, batch_size=batch_size)
     activation = values[np.arange(n * d), own]
+    never_moved = np.zeros(n * d, bool) if dead is None else np.asarray(dead, bool).reshape(n * d)
+    failed = never_moved | (np.ptp(values, axis=0) == 0)[own]
     takes_units = objective.num_units(forward.shapes()) is not None
     ranks = selectivity_ranks(values, own) if takes_units else [None] * (n * d)
     robust = robustness(forward, objective, flat, units[own], draws=draws, jitter=jitter, scale=scale, seed=seed,
                         batch_size=batch_size)
     slopes = spectral_slopes(flat)
     records = [{"activation": _finite(a), "selectivity_rank": None if r is None else int(r),
-                "robustness": _finite(b), "spectral_slope": _finite(s)}
-               for a, r, b, s in zip(activation, ranks, robust, slopes)]
+                "robustness": _finite(b), "spectral_slope": _finite(s), "failed": bool(f)}
+               for a, r, b, s, f in zip(activation, ranks, robust, slopes, failed)]
+    live = ~failed
     summary = {
-        "rank1_fraction": float(np.mean(np.asarray(ranks) == 1)) if takes_units else None,
-        "robustness_median": _median(r["robustness"] for r in records),
-        "spectral_slope_median": _median(slopes),
-        "activation_median": _median(activation),
+        **_figures(records, failed, takes_units, counted=np.ones(n * d, bool)),
+        "live": _figures(records, failed, takes_units, counted=live),
+        "failed_images": int(failed.sum()),
+        "failed_units": [int(u) for u in units[np.unique(own[failed])]],
         "settings": {"draws": draws, "jitter_px": jitter, "scale": scale, "seed": seed},
     }
     if natural is not None:
         _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size)
     return records, summary
+
+
+def _figures(records, failed, takes_units, counted):
+    """The summary figures over the records where `counted`, a failed one scoring as a failure."""
+    chosen = [(r, f) for r, f, c in zip(records, failed, counted) if c]
+    worst = lambda key, bad: [bad if f else r[key] for r, f in chosen]
+    return {
+        "rank1_fraction": (float(np.mean([r["selectivity_rank"] == 1 and not f for r, f in chosen]))
+                           if takes_units and chosen else None),
+        "robustness_median": _median(worst("robustness", 0.0)),
+        "spectral_slope_median": _median(worst("spectral_slope", 0.0)),
+        "activation_median": _median(r["activation"] for r, _ in chosen),
+    }
 
 
 def _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size):
@@ -211,4 +236,5 @@ def _add_natural(records, summary, natural, forward, objective, units, own, acti
         record["natural_ratio"] = _finite(a / best[column]) if best[column] > 0 else None
         record["top_natural"] = [{"name": names[m], "activation": float(values[m, column])} for m in order[:, column]]
     summary["natural_ratio_median"] = _median(r["natural_ratio"] for r in records)
+    summary["live"]["natural_ratio_median"] = _median(r["natural_ratio"] for r in records if not r["failed"])
     summary["natural_images"] = len(names)

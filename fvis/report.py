@@ -110,10 +110,15 @@ def page(summary):
     """
     q = summary.get("quality", {})
     title = html.escape(f'{summary.get("model", "")}: {summary.get("objective", "")}')
-    facts = "".join(f"<tr><th>{html.escape(label)}</th><td>{_number(q.get(key), fmt)}</td></tr>"
-                    for key, label, fmt in _SUMMARY_ROWS if key in q)
+    live = q.get("live", {})
+    facts = "<tr><th></th><th>all images (a failure counts as one)</th><th>live images only</th></tr>" if q else ""
+    facts += "".join(f"<tr><th>{html.escape(label)}</th><td>{_number(q.get(key), fmt)}</td>"
+                     f"<td>{_number(live.get(key), fmt)}</td></tr>" for key, label, fmt in _SUMMARY_ROWS if key in q)
+    if "failed_images" in q:
+        facts += (f"<tr><th>failed images (never moved, or their unit the same on every image)</th>"
+                  f"<td>{q['failed_images']}</td><td></td></tr>")
     dead = summary.get("dead_filters", [])
-    facts += f"<tr><th>dead units (never moved; gray tiles)</th><td>{len(dead)}</td></tr>" if dead else ""
+    facts += f"<tr><th>dead units (never moved; gray tiles)</th><td>{len(dead)}</td><td></td></tr>" if dead else ""
     rows = "\n".join(_filter_row(r) for r in summary["filters"])
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fvis report: {title}</title>

@@ -128,7 +128,7 @@ def quality_step(quality, model, *, seed=0):
     def finish(job, result, folder, summary):
         start = time.perf_counter()
         records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
-                                                   natural=natural, draws=quality.draws, seed=seed)
+                                                   dead=result.dead, natural=natural, draws=quality.draws, seed=seed)
         summary["timings"]["quality_s"] = time.perf_counter() - start
         return report.write(folder, summary, records, run_summary, natural=natural)
 
@@ -146,7 +146,8 @@ def _describe(objective, units, layers, param, transform, optimizer, settings, d
 def _meta(model, job, layer=None):
     layer = {} if layer is None else {"layer": layer}
     return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
-            "loop": job.loop}
+            "loop": job.loop, "precision": job.forward.rewrites.precision,
+            "redirect_relu": job.forward.rewrites.redirect_relu, "model_facts": job.facts}
 
 
 def _run_layers(jobs, out_dir, model, config, display, finish, progress):

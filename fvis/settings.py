@@ -40,6 +40,10 @@ class Settings:
             see `fvis.devices.auto_loop`).
         precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
             objective and gradient stay float32; see `fvis.models.Rewrites`).
+        redirect_relu: the model's ReLUs pass gradient towards firing where they would
+            pass none, so units dead on the start image still move (Lucid's redirected
+            ReLU; same forward values; see `fvis.models.jax_rewrites`). Off in the
+            reference, on in the lucid and maco presets.
 
     Raises:
         InvalidValueError, UnknownNameError: on construction, naming the bad value.
@@ -51,6 +55,7 @@ class Settings:
     seed: int = 0
     loop: str = "auto"
     precision: str = "float32"
+    redirect_relu: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -62,6 +67,8 @@ class Settings:
         if self.loop != "auto":
             check_loop(self.loop)
         check_precision(self.precision)
+        if not isinstance(self.redirect_relu, bool):
+            raise InvalidValueError(f"redirect_relu must be true or false. Received: redirect_relu={self.redirect_relu!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,6 +12,7 @@ loses at most the chunk in flight.
 """
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -25,6 +26,8 @@ from fvis.models import Forward, Rewrites, as_vis_model
 from fvis.render import Rendered, make_renderer
 from fvis.settings import Settings
 from fvis.units import parse_units
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -70,6 +73,7 @@ class Job:
     image_shape: tuple
     loop: str
     mesh: object
+    facts: dict = dataclasses.field(default_factory=dict)
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
@@ -131,16 +135,28 @@ class Job:
         return Result(self.units, *stacked, compile_s=compile_s, optimize_s=optimize_s)
 
     def _check_finite(self, rendered, chunk_units):
-        for name in ("curves", "grad_norms", "images", "final"):
-            bad = ~np.isfinite(getattr(rendered, name))
-            if bad.any():
-                row = int(np.argwhere(bad)[0][0])
-                step_bad = ~np.isfinite(rendered.curves[row]) | ~np.isfinite(rendered.grad_norms[row])
-                step = int(np.argwhere(step_bad.any(axis=0))[0][0]) if step_bad.any() else self.steps
-                raise NonFiniteError(
-                    f"Non-finite {name} for {self.objective.name}, filter {int(chunk_units[row])}, first at "
-                    f"step {step} of {self.steps}. Finished chunks are kept. Try a smaller lr, another "
-                    "optimizer, or a regularizer.")
+        """Raises NonFiniteError naming the first non-finite quantity: the step, the unit, and what."""
+        per_step = {what: ~np.isfinite(getattr(rendered, name)) for name, what in _STEP_QUANTITIES.items()}
+        at_all = {what: ~np.isfinite(getattr(rendered, name)) for name, what in _END_QUANTITIES.items()}
+        bad = np.any([b.reshape(len(b), -1).any(1) for b in (*per_step.values(), *at_all.values())], axis=0)
+        if not bad.any():
+            return
+        row = int(np.argmax(bad))
+        steps_bad = [b[row].any(axis=0) for b in per_step.values()]
+        if np.any(steps_bad):
+            step = int(np.argmax(np.logical_or.reduce(steps_bad)))
+            what = [w for w, b in zip(per_step, steps_bad) if b[step]]
+            where = f"at step {step} of {self.steps}"
+        else:
+            what, where = [w for w, b in at_all.items() if b[row].any()], f"after step {self.steps - 1}"
+        raise NonFiniteError(
+            f"Non-finite {' and '.join(what)} {where}, for {self.objective.name}, filter {int(chunk_units[row])}. "
+            "Finished chunks are kept. Try a smaller lr, another optimizer, or a regularizer.")
+
+
+# Rendered fields -> what they are, for messages.
+_STEP_QUANTITIES = {"curves": "objective", "grad_norms": "gradient (its norm)"}
+_END_QUANTITIES = {"images": "image pixels", "final": "objective of the final image"}
 
 
 def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, settings=None,
@@ -182,7 +198,8 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         raise InvalidValueError(f"{objective.name} has a group term (diversity) that compares a unit's images; "
                                 f"it needs images_per_unit >= 2. Received: images_per_unit={settings.images_per_unit}")
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.default_path]
-    rewrites = Rewrites(precision=settings.precision, cpu_ops=devices_lib.auto_setting("cpu_ops"))
+    rewrites = Rewrites(precision=settings.precision, cpu_ops=devices_lib.auto_setting("cpu_ops"),
+                        redirect_relu=settings.redirect_relu)
     forward = model.forward(layers, rewrites)
     units = parse_units(units, objective.num_units(forward.shapes()))
     mesh = devices_lib.unit_mesh(devices)
@@ -195,8 +212,26 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
         optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape)
+    facts = forward.facts()
+    _log_facts(facts, rewrites)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
-               renderer, image_shape, loop, mesh)
+               renderer, image_shape, loop, mesh, facts)
+
+
+def _log_facts(facts, rewrites):
+    """Says in the log what the model computes where it differs from what a user may assume."""
+    if facts["read_as_logits"]:
+        log.info("Reading %s as logits: the softmax at the end is left out (probabilities saturate and depend "
+                 "on the other classes).", ", ".join(facts["read_as_logits"]))
+    relus = facts["relus"]
+    if rewrites.redirect_relu and (relus["unknown_form"] or relus["exact"]):
+        log.warning("redirect_relu: %d ReLU(s) in a form the redirect does not reach keep their exact gradient "
+                    "(%d written as max(x, 0), %d jax.nn functions imported by name into the model's module); "
+                    "%d redirected.", relus["unknown_form"] + relus["exact"], relus["unknown_form"],
+                    relus["exact"], relus["redirected"])
+    if rewrites.precision == "float32" and set(facts["compute_dtypes"]) - {"float32"}:
+        log.warning("precision=float32, but the model computes in %s where its layers fix their own dtype.",
+                    ", ".join(facts["compute_dtypes"]))
 
 
 def _settings(kwargs):

@@ -78,10 +78,22 @@ def test_non_finite_chunk_names_layer_filter_and_step_and_keeps_finished_chunks(
     poisoned = objectives.Objective(lambda acts, unit: channel(acts, unit) * jnp.where(unit >= 4, jnp.nan, 1.0),
                                     layers=["conv2"], checks=channel.checks, name="channel(conv2)")
     store = outputs.ChunkStore(tmp_path, "f")
-    with pytest.raises(NonFiniteError, match=r"channel\(conv2\), filter 4, first at step 0"):
+    with pytest.raises(NonFiniteError, match=r"Non-finite objective and gradient \(its norm\) at step 0 of 3, "
+                                             r"for channel\(conv2\), filter 4\."):
         fvis.visualize(tiny, poisoned, "0:8", steps=3, batch_size=2, store=store, progress=False)
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]
     assert store.load(1, np.array([2, 3], np.int32)) is not None
+
+
+def test_non_finite_gradient_with_a_finite_objective_names_the_gradient(tiny):
+    """A NaN in the gradient alone (sqrt'(0) * 0) is named as the gradient, at the step it appeared."""
+    channel = objectives.channel("conv2")
+    nan_gradient = objectives.Objective(
+        lambda acts, unit: channel(acts, unit) + 0.0 * jnp.sqrt(jnp.sum(acts["conv2"] * 0.0)),
+        layers=["conv2"], checks=channel.checks, name="channel(conv2)")
+    with pytest.raises(NonFiniteError, match=r"Non-finite gradient \(its norm\) at step 0 of 3, for "
+                                             r"channel\(conv2\), filter 0\."):
+        fvis.visualize(tiny, nan_gradient, "0:2", steps=3, progress=False)
 
 
 def run_cli(*args, cwd):

@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from fvis.errors import InvalidValueError, UnknownNameError, did_you_mean, is_integer
+from fvis.models import jax_rewrites
 
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], "float32")
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], "float32")
@@ -96,10 +97,19 @@ class Rewrites:
         cpu_ops: trace max pooling as strided slices and stride-1 1x1 convolutions as
             dot products: the same values, gradients XLA's CPU backend runs faster
             (see `fvis.models.keras_ops`). Models without such ops ignore it.
+        redirect_relu: every ReLU and ReLU6 the model computes through `jax.nn` (all
+            Keras and Flax forms) passes gradient towards firing where it would pass
+            none (Lucid's redirected ReLU): the same values; a unit dead on the start
+            image can still be optimised (see `fvis.models.jax_rewrites`).
+        logits: a read layer whose output is a softmax gives the softmax's input (the
+            logits) instead, as tf-keras-vis does: probabilities saturate and depend on
+            the other classes.
     """
 
     precision: str = "float32"
     cpu_ops: bool = False
+    redirect_relu: bool = False
+    logits: bool = True
 
     def __post_init__(self):
         check_precision(self.precision)
@@ -205,5 +215,25 @@ class Forward:
 
     def __call__(self, weights, image):
         """(H, W, C) float32 image in [-1, 1] space -> {path: float32 activation without batch axis}."""
-        outputs = self.model.call(self.paths, self.rewrites)(weights, self.model.to_model_input(image)[None])
+        return self._call(weights, image, set())
+
+    def _call(self, weights, image, read_as_logits):
+        r = self.rewrites
+        with jax_rewrites.applied(redirect_relu=r.redirect_relu, logits=r.logits) as softmaxes:
+            outputs = self.model.call(self.paths, r)(weights, self.model.to_model_input(image)[None])
+        outputs = jax_rewrites.read_logits(outputs, self.paths, softmaxes, read_as_logits)
         return {p: o[0].astype(jnp.float32) for p, o in zip(self.paths, outputs, strict=True)}
+
+    def facts(self, weights=None):
+        """What the call computes, read from one trace (nothing runs): a dict with
+        "compute_dtypes", "read_as_logits" (paths whose softmax was replaced by its
+        logits) and "relus" (redirected, exact, and "unknown_form": `max(x, 0)`
+        written out, which the redirect cannot reach); see `jax_rewrites.trace_facts`.
+        """
+        weights = self.weights() if weights is None else weights
+        image = jnp.zeros((*self.model.image_size, self.model.channels), jnp.float32)
+        read_as_logits = set()
+        found = jax_rewrites.trace_facts(lambda w, x: self._call(w, x, read_as_logits), weights, image)
+        return {"compute_dtypes": found["compute_dtypes"], "read_as_logits": sorted(read_as_logits),
+                "relus": {"redirected": found["redirected_relus"], "exact": found["jax_nn_relus"],
+                          "unknown_form": found["bare_relus"]}}

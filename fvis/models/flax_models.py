@@ -110,11 +110,11 @@ class FlaxModel(VisModel):
         return self._source.weights()
 
     def call(self, paths, rewrites):
-        run, paths = self._source.capture(cpu_ops=rewrites.cpu_ops), list(paths)
+        float32 = rewrites.precision == "float32"
+        run, paths = self._source.capture(cpu_ops=rewrites.cpu_ops, float32=float32), list(paths)
 
         def fn(weights, x):
-            if rewrites.precision == "bfloat16":
-                weights, x = _cast((weights, x), jnp.bfloat16)
+            weights, x = _cast((weights, x), jnp.float32 if float32 else jnp.bfloat16)
             found = run(weights, x)
             return [found[p].astype(jnp.float32) for p in paths]
 
@@ -189,17 +189,20 @@ class _Nnx:
     def weights(self):
         return self._split()[2]
 
-    def capture(self, cpu_ops=False):
+    def capture(self, cpu_ops=False, float32=False):
+        """`run(weights, x) -> {path: output}`; `cpu_ops` runs 1x1 convolutions as dots, `float32`
+        makes every layer built with a 16-bit `dtype` compute in float32 (on a copy)."""
         from flax import nnx
 
         graphdef, rng_state, _ = self._split()
 
         def run(state, x):
             module = nnx.merge(graphdef, rng_state, state)  # a copy, inside the trace: it may be changed
-            if cpu_ops:
-                for _, layer in nnx.iter_modules(module):
-                    if isinstance(layer, nnx.Conv):
-                        layer.conv_general_dilated = _pointwise_as_dot
+            for _, layer in nnx.iter_modules(module):
+                if cpu_ops and isinstance(layer, nnx.Conv):
+                    layer.conv_general_dilated = _pointwise_as_dot
+                if float32 and getattr(layer, "dtype", None) is not None:
+                    layer.dtype = jnp.float32  # a layer built to compute in (b)float16
             before = _state_leaves(module)
             _, captured = nnx.capture(module, nnx.Intermediate, method_outputs=nnx.Intermediate)(x)
             _check_unchanged(before, _state_leaves(module), type(self.module).__name__)
@@ -253,7 +256,10 @@ class _Linen:
     def weights(self):
         return self.variables
 
-    def capture(self, cpu_ops=False):
+    def capture(self, cpu_ops=False, float32=False):
+        """See `_Nnx.capture`; a Linen module's `dtype` fields are frozen, so `float32` casts
+        only the weights and the input (a layer built with dtype=float16 stays float16, and
+        `Forward.facts` records it)."""
         import flax
         import flax.linen as nn
 

@@ -38,8 +38,9 @@ _APPLICATION_SPACES = {
 
 _DOWNLOAD_TIMEOUT_S = 10.0
 
-# Rewrites.precision -> the Keras dtype policy of the model's layers while fvis calls them.
-_POLICIES = {"float32": None, "bfloat16": "mixed_bfloat16"}
+# Rewrites.precision -> the Keras dtype policy of the model's layers while fvis calls them
+# (float32 also for a model built under mixed_float16: float32 means float32).
+_POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16"}
 
 
 def framework_versions():
@@ -128,7 +129,7 @@ def _move_channels_last(x, axis):
 @contextlib.contextmanager
 def _layer_policy(model, policy):
     """Sets every layer's Keras dtype policy to `policy` inside the block (at trace time), then restores it."""
-    layers = list(model._flatten_layers(include_self=False)) if policy is not None else []
+    layers = [layer for layer in model._flatten_layers(include_self=False) if layer.dtype_policy.name != policy]
     saved = [layer.dtype_policy for layer in layers]
     try:
         for layer in layers:

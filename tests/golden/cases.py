@@ -25,7 +25,8 @@ MOBILENET_WEIGHTS = ("weights", "mobilenet_0.25_224.weights.h5")  # under ../sha
 # The presets, as the experiment configs set them (conf/experiment/*.yaml), with fewer steps.
 PRESETS = {
     "seed": lambda: dict(param=params.pixel(), transform=None, optimizer=optim.normalized_ascent(10.0)),
-    "lucid": lambda: dict(param=params.fourier(), transform=transforms.standard(), optimizer=optax.adam(0.05)),
+    "lucid": lambda: dict(param=params.fourier(), transform=transforms.standard(), optimizer=optax.adam(0.05),
+                          redirect_relu=True),
 }
 
 
@@ -113,7 +114,8 @@ def compute(case, model, **settings):
     """
     job = fvis.prepare(model, case.layer, list(case.units), steps=case.steps, **PRESETS[case.preset](), **settings)
     result = job.run(progress=False)
-    records, summary = quality.measure(job.forward, job.objective, result.units, result.images, **QUALITY)
+    records, summary = quality.measure(job.forward, job.objective, result.units, result.images, dead=result.dead,
+                                       **QUALITY)
     column = lambda key, dtype, missing=np.nan: np.array([missing if r[key] is None else r[key] for r in records],
                                                          dtype)
     return {
@@ -123,7 +125,8 @@ def compute(case, model, **settings):
         "q_selectivity_rank": column("selectivity_rank", np.int64, missing=-1),
         "q_robustness": column("robustness", np.float64),
         "q_spectral_slope": column("spectral_slope", np.float64),
-        **{f"qs_{k}": np.float64(np.nan if v is None else v) for k, v in summary.items() if k != "settings"},
+        **{f"qs_{k}": np.float64(np.nan if v is None else v) for k, v in summary.items()
+           if not isinstance(v, (dict, list))},
         "qs_settings": np.array(json.dumps(summary["settings"], sort_keys=True)),
     }
 
