@@ -3,6 +3,8 @@
     python experiments/quality_compare.py            # runs what is missing, then writes the table
     python experiments/quality_compare.py --table    # only rebuilds the table from finished runs
     python experiments/quality_compare.py --docs     # the README's seed-vs-lucid picture
+    python experiments/quality_compare.py --filters 0:32 --runs mobilenet_0.25:lucid mobilenet_0.25:lucid_exact
+                                                     # chosen runs on fewer filters (own folder and table)
 
 Each run is the `fvis` command (so it resumes where it stopped) writing into
 experiments/runs/quality/<model>_<preset>/; the table goes to
@@ -33,7 +35,10 @@ MODELS = {
     "mobilenet_0.25_bn": ["model=mobilenet", f"model.weights={SHARED / 'weights' / 'mobilenet_0.25_224.weights.h5'}",
                           "layer=conv_pw_5_bn", "image_size=[224,224]"],
 }
-PRESETS = ["seed", "maco", "lucid"]
+PRESETS = ["seed", "maco", "lucid", "lucid_exact", "maco_exact"]
+# A preset name -> its overrides; "_exact": the preset with the ReLUs' exact gradient (no redirect).
+VARIANTS = {"lucid_exact": ["experiment=lucid", "redirect_relu=false"],
+            "maco_exact": ["experiment=maco", "redirect_relu=false"]}
 HEADER = """# seed, maco and lucid presets on real weights (issue 4)
 
 Made by `python experiments/quality_compare.py` (figures: experiments/results/quality_compare.json).
@@ -56,7 +61,7 @@ def run(model, preset):
     folder = RUNS / f"{model}_{preset}"
     if (folder / "results.json").exists():
         return
-    args = [*MODELS[model], f"experiment={preset}", *COMMON, f"hydra.run.dir={folder}"]
+    args = [*MODELS[model], *VARIANTS.get(preset, [f"experiment={preset}"]), *COMMON, f"hydra.run.dir={folder}"]
     print("fvis", " ".join(args), flush=True)
     subprocess.run([sys.executable, "-m", "fvis", *args], check=True, cwd=ROOT)
 
@@ -67,6 +72,7 @@ def row(model, preset):
     return {"run": model, "model": results["model"], "layer": results["config"]["layer"], "preset": preset, "filters": len(results["units"]),
             "image_size": results["image_size"], "steps": results["config"]["steps"],
             "rank1_fraction": q["rank1_fraction"], "robustness_median": q["robustness_median"],
+            "live": q.get("live"), "failed_images": q.get("failed_images"),
             "spectral_slope_median": q["spectral_slope_median"], "activation_median": q["activation_median"],
             "natural_ratio_median": q.get("natural_ratio_median"), "compile_s": t["compile_s"],
             "optimize_s": t["optimize_s"], "quality_s": t.get("quality_s"), "total_s": t["total_s"],
@@ -75,14 +81,21 @@ def row(model, preset):
 
 
 def table(rows):
-    head = ("| model (layer) | image | preset | steps | rank-1 selectivity | dead units | robustness (median) "
-            "| spectral slope (median) | activation (median) | / best photo (median) | optimise s | total s |")
-    lines = [head, "|" + "---|" * 12]
+    head = ("| model (layer) | image | preset | filters | steps | rank-1 selectivity | dead units | failed images "
+            "| robustness (median) | spectral slope (median) | activation (median) | / best photo (median) "
+            "| optimise s | total s |")
+    lines = [head, "|" + "---|" * 14]
     for r in rows:
         size = "x".join(str(v) for v in r["image_size"])
-        lines.append(f"| {r['model']} ({r['layer']}) | {size} | {r['preset']} | {r['steps']} | {r['rank1_fraction']:.3f} "
-                     f"| {r['dead_filters']} | {r['robustness_median']:.3f} | {r['spectral_slope_median']:.2f} | {r['activation_median']:.3g} "
-                     f"| {r['natural_ratio_median']:.3g} | {r['optimize_s']:.0f} | {r['total_s']:.0f} |")
+        live = r.get("live") or {}
+        both = lambda key, fmt: (f"{r[key]:{fmt}}" + (f" (live {live[key]:{fmt}})" if live.get(key) is not None
+                                                      and r.get("failed_images") else ""))
+        failed = "-" if r.get("failed_images") is None else r["failed_images"]
+        lines.append(f"| {r['model']} ({r['layer']}) | {size} | {r['preset']} | {r['filters']} | {r['steps']} "
+                     f"| {both('rank1_fraction', '.3f')} | {r['dead_filters']} | {failed} "
+                     f"| {both('robustness_median', '.3f')} | {both('spectral_slope_median', '.2f')} "
+                     f"| {r['activation_median']:.3g} | {r['natural_ratio_median']:.3g} | {r['optimize_s']:.0f} "
+                     f"| {r['total_s']:.0f} |")
     return "\n".join(lines)
 
 
@@ -107,18 +120,25 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only rebuild the table from finished runs")
     parser.add_argument("--docs", action="store_true", help="only write the README's seed-vs-lucid JPEG")
+    parser.add_argument("--filters", default="0:64", help="the filters of every run (not 0:64: own folder and table)")
+    parser.add_argument("--runs", nargs="*", metavar="MODEL:PRESET", help="only these runs, in this order")
     args = parser.parse_args()
     if args.docs:
         return docs_image()
+    global RUNS
+    suffix = "" if args.filters == "0:64" else "_" + args.filters.replace(":", "-")
+    RUNS = RUNS.with_name(RUNS.name + suffix)
+    COMMON[0] = f"filters={args.filters}"
+    order = [tuple(r.split(":")) for r in args.runs] if args.runs else ORDER
     if not args.table:
-        for model, preset in ORDER:
+        for model, preset in order:
             run(model, preset)
     rows = [row(m, p) for m in MODELS for p in PRESETS if (RUNS / f"{m}_{p}" / "results.json").exists()]
-    out = ROOT / "experiments" / "results" / "quality_compare.json"
+    out = ROOT / "experiments" / "results" / f"quality_compare{suffix}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
-    (ROOT / "experiments" / "quality_compare.md").write_text(HEADER + text + "\n")
+    (ROOT / "experiments" / f"quality_compare{suffix}.md").write_text(HEADER + text + "\n")
     print(text)
 
 
