@@ -8,6 +8,10 @@ fixed at import). The code is the seed's: a `tf.function` gradient-ascent step
 on one image, a Python loop over steps and over filters, its deprocess and
 its grid (kept in memory, not saved). Only the weights differ: random (weights=None),
 which cost the same FLOPs as ImageNet's and need no download. Prints one JSON line.
+
+With `"record": FOLDER` in the job (experiments/seed_vs_fvis.py), the random state is
+seeded and the model's weights, each filter's start image, its loss at every step and
+its final image (before the deprocess) are saved there, for fvis to rerun the same job.
 """
 
 import json
@@ -26,6 +30,9 @@ import tensorflow as tf  # noqa: E402
 job = json.loads(sys.argv[1])
 img_height, img_width = job["image_size"]
 imported = time.perf_counter()
+record = job.get("record")
+if record:
+    keras.utils.set_random_seed(job.get("seed", 0))
 model = getattr(keras.applications, job["model"])(weights=None, include_top=False)
 layer = model.get_layer(name=job["layer"])
 feature_extractor = keras.Model(inputs=model.inputs, outputs=layer.output)
@@ -57,15 +64,21 @@ def initialize_image():
 step_times = []
 
 
+recorded = {"starts": [], "losses": [], "finals": []}
+
+
 def visualize_filter(filter_index):
     iterations = job["steps"]
     learning_rate = 10.0
     img = initialize_image()
+    recorded["starts"].append(img[0].numpy())
+    recorded["losses"].append([])
     for iteration in range(iterations):
         t = time.perf_counter()
         loss, img = gradient_ascent_step(img, filter_index, learning_rate)
-        loss.numpy()  # wait for the step, so it can be timed
+        recorded["losses"][-1].append(float(loss.numpy()))  # waits for the step, so it can be timed
         step_times.append(time.perf_counter() - t)
+    recorded["finals"].append(img[0].numpy())
     img = deprocess_image(img[0].numpy())
     return loss, img
 
@@ -97,6 +110,9 @@ for index, img in enumerate(all_imgs):
                      (cropped_width + margin) * j: (cropped_width + margin) * j + cropped_width, :] = img
 
 end = time.perf_counter()
+if record:
+    model.save_weights(os.path.join(record, "weights.weights.h5"))
+    np.savez(os.path.join(record, "seed_tf.npz"), **{k: np.asarray(v, np.float32) for k, v in recorded.items()})
 print(json.dumps({
     "tensorflow": tf.__version__, "keras": keras.__version__, "import_s": imported - START,
     "build_model_s": built - imported, "first_step_s": step_times[0], "step_s": float(np.median(step_times[1:])),

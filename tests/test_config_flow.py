@@ -327,7 +327,7 @@ def fourier_image(p, decorrelate):
 def test_lucid_preset_is_fourier_decorrelated_standard_transforms_adam_005_512_steps():
     """lucid: Fourier + decorrelated colour, the standard transforms, Adam 0.05, 512 steps, clip display."""
     cfg = preset("lucid")
-    assert cfg.steps == 512 and cfg.display.mode == "clip"
+    assert cfg.steps == 512 and cfg.display.mode == "clip" and cfg.redirect_relu is True
     param, key = instantiate(cfg.param), jax.random.key(3)
     start = np.asarray(param.init(key, (16, 12, 3)))
     np.testing.assert_array_equal(start, 0.01 * np.asarray(jax.random.normal(key, (2, 16, 12, 3))))
@@ -344,7 +344,7 @@ def test_lucid_preset_is_fourier_decorrelated_standard_transforms_adam_005_512_s
 def test_maco_preset_is_phase_only_1_over_f_crops_noise_nadam_005_256_steps():
     """maco: a fixed 1/f magnitude with only the phase free, crops 70-100 %, noise 0.08, NAdam 0.05, 256 steps."""
     cfg = preset("maco")
-    assert cfg.steps == 256 and cfg.display.mode == "clip"
+    assert cfg.steps == 256 and cfg.display.mode == "clip" and cfg.redirect_relu is True
     for got, want in zip(updates(instantiate(cfg.optimizer), GRADS, PARAMS), updates(optax.nadam(0.05), GRADS, PARAMS)):
         np.testing.assert_allclose(got, want, rtol=1e-6)
     crop, noise = OmegaConf.to_container(cfg.transform.transforms)
@@ -371,7 +371,7 @@ def test_maco_preset_is_phase_only_1_over_f_crops_noise_nadam_005_256_steps():
 def test_seed_preset_is_the_reference_pixels_no_transform_normalized_ascent_lr10_30_steps():
     """seed: pixels from near-gray noise, no transform, image += 10 g/||g||, 30 steps, the same as no preset."""
     cfg = preset("seed")
-    assert cfg.steps == 30
+    assert cfg.steps == 30 and cfg.redirect_relu is False
     param, key = instantiate(cfg.param), jax.random.key(7)
     start = np.asarray(param.init(key, (8, 8, 3)))
     np.testing.assert_array_equal(start, (np.asarray(jax.random.uniform(key, (8, 8, 3))) - 0.5) * 0.25)

@@ -65,7 +65,7 @@ def test_redirected_relu6_values_and_gradients_by_hand():
 
 # --- every ReLU form: the same forward, the exact gradient where alive, a gradient where dead ---
 
-DEAD_BIAS, LIVE_BIAS = -50.0, 50.0
+DEAD_BIAS, LIVE_BIAS = -50.0, 0.0  # live: some positions fire, some not (where exact and redirect would differ)
 
 
 def keras_forms(bias):
@@ -119,6 +119,9 @@ def test_every_relu_form_is_redirected_only_where_dead(framework):
     image = start_image()
     for (name, live, _), (_, dead, _) in zip(forms(LIVE_BIAS), forms(DEAD_BIAS), strict=True):
         path = live.default_path
+        forward = live.forward([path])
+        unit0 = np.asarray(forward(forward.weights(), image)[path][..., 0])
+        assert np.any(unit0 == 0) and np.any(unit0 > 0), name  # partly firing: the case that tells them apart
         exact_value, exact_live = objective_grad(live, path, 0, image, Rewrites())
         value, redirected_live = objective_grad(live, path, 0, image, Rewrites(redirect_relu=True))
         assert value == exact_value and np.array_equal(exact_live, redirected_live), name
@@ -319,3 +322,22 @@ def test_dead_units_cannot_flatter_the_summary():
     assert summary["spectral_slope_median"] == 0.0
     assert summary["live"]["spectral_slope_median"] == records[0]["spectral_slope"]
     assert summary["failed_images"] == 3 and summary["failed_units"] == [1, 2, 3]
+
+
+def test_redirect_relu_reaches_the_job_from_the_command_line(tmp_path):
+    """`redirect_relu=true`: the bias -100 channels of the dead-unit model move (their gradient is no longer
+    zero) while the live ones keep the exact run's images bit for bit; results.json records the setting."""
+    from tests.test_model_values import DEAD, composed, save_model_with_dead_channels
+
+    from fvis import cli
+    save_model_with_dead_channels(tmp_path / "deadnet.keras")
+    base = ["model=saved", f"model.path={tmp_path / 'deadnet.keras'}", "layer=relu", "image_size=[32,32]",
+            "filters=all", "steps=3", "quality.enabled=false", "display.crop=2"]
+    exact, _ = cli.run(composed(*base), tmp_path / "exact")
+    redirected, _ = cli.run(composed(*base, "redirect_relu=true"), tmp_path / "redirected")
+    assert exact["dead_filters"] == DEAD and redirected["dead_filters"] == []
+    assert (exact["redirect_relu"], redirected["redirect_relu"]) == (False, True)
+    images = {name: np.load(tmp_path / name / "images.npz")["images"] for name in ("exact", "redirected")}
+    live = [u for u in range(6) if u not in DEAD]
+    np.testing.assert_array_equal(images["exact"][live], images["redirected"][live])
+    assert np.all(np.abs(images["exact"][DEAD] - images["redirected"][DEAD]).max(axis=(1, 2, 3, 4)) > 1e-3)
