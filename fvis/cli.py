@@ -226,7 +226,12 @@ def _done_line(summary, record, out_dir):
 def _quality_line(q):
     shown = [("rank-1 selectivity", q["rank1_fraction"], ".2f"), ("robustness", q["robustness_median"], ".2f"),
              ("spectral slope", q["spectral_slope_median"], ".2f")]
-    return ", ".join(f"{name} {'n/a' if v is None else format(v, fmt)}" for name, v, fmt in shown)
+    line = ", ".join(f"{name} {'n/a' if v is None else format(v, fmt)}" for name, v, fmt in shown)
+    if q.get("failed_images"):  # the figures above count them as failures; the live ones beside
+        live = q["live"]["rank1_fraction"]
+        line += (f"; {q['failed_images']} failed images (dead or flat units; live rank-1 "
+                 f"{'n/a' if live is None else format(live, '.2f')})")
+    return line
 
 
 def _user_message(exc):
