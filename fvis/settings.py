@@ -40,6 +40,8 @@ class Settings:
             see `fvis.devices.auto_loop`).
         precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
             objective and gradient stay float32; see `fvis.models.Rewrites`).
+        snapshots: step counts n in [0, steps] after which the image is kept (0: the start),
+            like Lucid's `thresholds`; stored sorted, as a tuple. None or () keeps none.
 
     Raises:
         InvalidValueError, UnknownNameError: on construction, naming the bad value.
@@ -51,6 +53,7 @@ class Settings:
     seed: int = 0
     loop: str = "auto"
     precision: str = "float32"
+    snapshots: Optional[tuple] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -62,6 +65,20 @@ class Settings:
         if self.loop != "auto":
             check_loop(self.loop)
         check_precision(self.precision)
+        set_("snapshots", check_snapshots(self.snapshots, self.steps))
+
+
+def check_snapshots(snapshots, steps):
+    """Returns the snapshot steps as a sorted tuple of distinct ints in [0, steps], or raises InvalidValueError."""
+    values = [] if snapshots is None else snapshots
+    try:
+        values = [v for v in values]
+    except TypeError:
+        values = None
+    if values is None or not all(is_integer(v) and 0 <= v <= steps for v in values):
+        raise InvalidValueError(f"snapshots must be a list of step counts from 0 (the start) to steps={steps}, "
+                                f"e.g. [0, {steps // 2}, {steps}]. Received: snapshots={snapshots!r}")
+    return tuple(sorted({int(v) for v in values}))
 
 
 @dataclasses.dataclass(frozen=True)
