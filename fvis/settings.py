@@ -90,11 +90,14 @@ class Display:
         crop: pixels cut from each side of a tile, >= 0 (checked against the image size
             before a job computes).
         margin: black pixels between tiles, >= 0.
+        transparency: also write each tile with MaCo's transparency map as its alpha channel
+            (filters/filter_NNNN_alpha.png; Fel et al. 2023), shown in report.html.
     """
 
     mode: str = "seed"
     crop: int = 25
     margin: int = 5
+    transparency: bool = False
 
     def __post_init__(self):
         check_positive_int("display.crop", self.crop, minimum=0)
@@ -102,6 +105,8 @@ class Display:
         if self.mode not in DISPLAY_MODES:
             raise InvalidValueError(f"Unknown display mode '{self.mode}'; use 'seed' or 'clip' (display.mode). "
                                     f"Received: mode='{self.mode}'")
+        if not isinstance(self.transparency, bool):
+            raise InvalidValueError(f"display.transparency must be true or false. Received: {self.transparency!r}")
 
 
 @dataclasses.dataclass(frozen=True)

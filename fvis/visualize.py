@@ -201,6 +201,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     batch_size = devices_lib.round_up(min(batch_size, len(units)), mesh.size)
     loop = devices_lib.auto_loop(model) if settings.loop == "auto" else settings.loop
     image_shape = (*model.image_size, model.channels)
+    objective = objective.bind(forward)  # a photo's activations, once (inversion, caricature)
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
         optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape,
