@@ -72,7 +72,8 @@ class Objective:
             return self
         model, weights = forward.model, forward.weights()
         shape = (*model.image_size, model.channels)
-        targets = {key: forward(weights, _photo_array(photo, shape)) for key, photo in self.photos.items()}
+        call = jax.jit(forward)  # compiled: 1.8 s against 13 s op by op for EfficientNet-Lite0
+        targets = {key: call(weights, _photo_array(photo, shape)) for key, photo in self.photos.items()}
         image_fn = self.image_fn
         return Objective(lambda acts, unit: image_fn({**acts, **targets}, unit), self.group_fn, layers=self.layers,
                          checks=self.checks, name=self.name)
