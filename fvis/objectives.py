@@ -342,8 +342,9 @@ def _photo_source(image):
         return f":photo:{path}", path
     array = None if image is None else np.asarray(image, np.float32)
     if array is None or array.ndim != 3:
+        received = "None" if array is None else f"shape {array.shape}"
         raise InvalidValueError(f"Inversion and caricature need a photo: a path (image=path.png on the command line) "
-                                f"or an (H, W, C) array in [-1, 1]. Received: {'None' if array is None else array.shape}")
+                                f"or an (H, W, C) array in [-1, 1]. Received: {received}")
     return f":photo:{hashlib.sha256(array.tobytes()).hexdigest()[:16]}", array
 
 

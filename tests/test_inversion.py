@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import fvis
-from fvis import cli, objectives as O, params, transforms as T
+from fvis import objectives as O, params, transforms as T
 from fvis.errors import MissingFileError
 from tests.test_config_flow import assert_same, library, run_cli
 
@@ -42,12 +42,12 @@ def keras_acts(vis_model, layer, image):
 # --- starting image ---
 
 def test_pixel_and_fourier_starts_reproduce_the_photo():
-    """start_from: pixels are the photo exactly; Fourier within float rounding of the photo (pixels 1/255 inside +-1)."""
+    """start_from: pixels are the photo exactly; Fourier within float rounding (pixels at +-1 come 1/255 inside)."""
     photo = synthetic_photo()
     photo[0, 0] = [1.0, -1.0, 0.5]  # saturated pixels: Fourier's sigmoid reaches neither end
-    for param, expected, tol in [(params.pixel(), photo, 0.0),
-                                 (params.fourier(), np.clip(photo, -254 / 255, 254 / 255), 2e-6),
-                                 (params.fourier(decay_power=2.0, decorrelate=False), np.clip(photo, -254 / 255, 254 / 255), 2e-6)]:
+    inside = np.clip(photo, -254 / 255, 254 / 255)
+    for param, expected, tol in [(params.pixel(), photo, 0.0), (params.fourier(), inside, 2e-6),
+                                 (params.fourier(decay_power=2.0, decorrelate=False), inside, 2e-6)]:
         start = params.start_from(param, photo)
         image = np.asarray(start.to_image(start.init(jax.random.key(3), photo.shape)))
         np.testing.assert_allclose(image, expected, atol=tol, rtol=0)
@@ -86,7 +86,7 @@ def test_a_missing_start_image_is_named_before_the_model_loads(tmp_path):
     with pytest.raises(MissingFileError, match="no_such_photo.png"):
         run_cli(tmp_path / "run", f"image={missing}")
     attempt = json.loads((tmp_path / "run" / "run.json").read_text())["attempts"][-1]
-    assert attempt["status"] == "failed" and "timings" not in attempt  # load_model_s is recorded once the model is built
+    assert attempt["status"] == "failed" and "timings" not in attempt  # load_model_s comes once the model is built
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(MissingFileError, match="bad.png"):
         params.start_from(params.fourier(), tmp_path / "bad.png")
