@@ -83,7 +83,7 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
             state, (values, grad_norms) = step(weights, state, units, np.int32(i))
             curves.append(values)
             norms.append(grad_norms)
-        images, final = finish(weights, state, units)
-        return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1))
+        images, final, alpha, snapshots = finish(weights, state, units)
+        return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1), alpha, snapshots)
 
     return chunk

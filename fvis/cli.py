@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 import fvis
-from fvis import devices, optim, outputs, runs
+from fvis import devices, images, optim, outputs, params, runs
 from fvis.errors import FvisError, InvalidValueError
 from fvis.models import check_image_size
 from fvis.settings import Display, Quality, Settings
@@ -58,13 +58,16 @@ def checked_settings(cfg):
     checked, before anything is loaded or compiled."""
     settings = Settings(steps=cfg.steps, batch_size=cfg.batch_size, images_per_unit=cfg.images_per_unit,
                         seed=cfg.seed, loop=cfg.loop, precision=cfg.precision,
-                        redirect_relu=cfg.redirect_relu)
+                        redirect_relu=cfg.redirect_relu, snapshots=cfg.snapshots)
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)
     if cfg.image_size is not None:
         check_image_size(cfg.image_size)
     _check_layer_names(cfg)
+    for key in ("image", "start_image"):  # photos: read before the model loads
+        if cfg.get(key) is not None:
+            images.check_image_file(cfg.get(key), purpose=f"{key}={cfg.get(key)}")
     for group in ("model", "objective", "param", "transform", "optimizer"):
         _check_arg_types(cfg.get(group), group)
     return settings, display, quality
@@ -184,8 +187,11 @@ def run(cfg, out_dir):
         record["timings"] = {"load_model_s": time.perf_counter() - start}
         resolved = OmegaConf.to_container(cfg, resolve=True)
         layers = resolved.get("layers")
+        param = _instantiate(cfg.param)
+        if cfg.start_image is not None:
+            param = params.start_from(param, cfg.start_image)
         outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
-                               param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
+                               param=param, transform=_instantiate(cfg.transform),
                                optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
                                quality=quality, config=resolved, attempt=record)
         record["timings"]["total_s"] = time.perf_counter() - start

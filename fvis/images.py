@@ -4,6 +4,7 @@ Tiles and grids are uint8 arrays (H, W, C) with C = 3 (RGB) or 1 (grayscale);
 PNG files round-trip them exactly.
 """
 
+import io
 import math
 import os
 from pathlib import Path
@@ -47,18 +48,21 @@ def deprocess(image, *, crop=25, mode="seed"):
 DISPLAY_MODES = ("seed", "clip")
 
 
-def check_display(image_size, *, crop=25, mode="seed", margin=5):
+def check_display(image_size, *, crop=25, mode="seed", margin=5, transparency=False):
     """Checks display settings against the image size, so a job can refuse them before it computes.
 
     Args:
         image_size: (H, W) of the optimised images.
         crop, mode, margin: as in `deprocess` and `grid`.
+        transparency: whether tiles with MaCo's transparency as alpha are written (a bool).
 
     Raises:
         InvalidValueError: naming the setting, the value received and what is allowed:
             crop and margin must be integers, 0 <= crop < min(H, W) / 2, margin >= 0,
-            and mode one of DISPLAY_MODES.
+            mode one of DISPLAY_MODES, transparency true or false.
     """
+    if not isinstance(transparency, bool):
+        raise InvalidValueError(f"display.transparency must be true or false. Received: {transparency!r}")
     h, w = image_size
     check_positive_int("display.crop", crop, minimum=0)
     check_positive_int("display.margin", margin, minimum=0)
@@ -95,15 +99,33 @@ def grid(tiles, *, margin=5, cols=None):
     return out
 
 
+def with_alpha(tile, alpha):
+    """An RGBA tile: a uint8 (h, w, 1|3) tile with `alpha` (h, w) in [0, 1] as its opacity.
+
+    Returns:
+        (h, w, 4) uint8; a grayscale tile is repeated into RGB.
+    """
+    rgb = np.repeat(tile, 3, axis=-1) if tile.shape[-1] == 1 else tile
+    return np.concatenate([rgb, np.round(np.clip(alpha, 0.0, 1.0) * 255.0).astype(np.uint8)[..., None]], axis=-1)
+
+
+def animation_bytes(frames, *, duration_ms=500, format="GIF"):
+    """An animated GIF (or WebP, `format="WEBP"`) of uint8 (H, W, 1|3) frames, looping forever."""
+    pictures = [Image.fromarray(f[..., 0] if f.shape[-1] == 1 else f).convert("RGB") for f in frames]
+    buffer = io.BytesIO()
+    pictures[0].save(buffer, format=format, save_all=True, append_images=pictures[1:], duration=duration_ms, loop=0)
+    return buffer.getvalue()
+
+
 def save_png(path, array):
-    """Writes a uint8 (H, W, 3) or (H, W, 1) array as PNG, atomically (temp file + rename).
+    """Writes a uint8 (H, W, 1|3|4) array (gray, RGB, RGBA) as PNG, atomically (temp file + rename).
 
     Raises:
-        InvalidValueError: not uint8, or not 1 or 3 channels.
+        InvalidValueError: not uint8, or not 1, 3 or 4 channels.
     """
     array = np.asarray(array)
-    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3):
-        raise InvalidValueError(f"save_png needs a uint8 (H, W, 1|3) array. Received: dtype={array.dtype}, "
+    if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] not in (1, 3, 4):
+        raise InvalidValueError(f"save_png needs a uint8 (H, W, 1|3|4) array. Received: dtype={array.dtype}, "
                                 f"shape={array.shape}")
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -157,6 +179,16 @@ def _open(path, *, check_only=False, purpose=None):
         raise MissingFileError(f"Cannot read '{path}' as an image{needed} ({type(e).__name__}: {e}). Remove it "
                                f"from its folder or replace it with a readable {'/'.join(PHOTO_SUFFIXES)} file. "
                                f"Received: '{path}'") from e
+
+
+def check_image_file(path, *, purpose):
+    """Returns `path` if it is a readable image file (header and PNG checksums checked), else
+    raises MissingFileError naming it and what it is for (`purpose`)."""
+    if not Path(path).expanduser().is_file():
+        raise MissingFileError(f"No image file at '{path}', needed for {purpose}. Pass the path of a "
+                               f"{'/'.join(PHOTO_SUFFIXES)} file. Received: '{path}'")
+    _open(Path(path).expanduser(), check_only=True, purpose=purpose)
+    return Path(path).expanduser()
 
 
 def _convert(image, mode):

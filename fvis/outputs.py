@@ -3,6 +3,8 @@
 Layout of a run folder:
     grid.png               all tiles, the reference layout
     filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
+    filters/filter_0007_alpha.png  with display.transparency: the tile with MaCo's transparency as alpha
+    snapshots.png, .gif    with snapshots: one row per image, one column per snapshot; the grid animated
     images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
     results.json           resolved config, per-filter curves and final values
     chunks/chunk_00000.npz finished chunks, so a killed job resumes where it stopped
@@ -29,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from fvis import images as images_lib
+from fvis.errors import InvalidValueError
 from fvis.render import Rendered
 
 
@@ -138,7 +141,59 @@ def tiles(result, *, crop=25, mode="seed"):
     return out
 
 
-def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
+def snapshot_frames(result, *, crop=25, mode="seed", margin=5):
+    """The grid of every image at each snapshot: S uint8 grids laid out as grid.png."""
+    s = result.snapshots.shape[2]
+    flat = result.snapshots.reshape(-1, s, *result.snapshots.shape[3:])
+    return [images_lib.grid([images_lib.deprocess(x, crop=crop, mode=mode) for x in flat[:, i]], margin=margin)
+            for i in range(s)]
+
+
+def snapshot_strip(result, *, crop=25, mode="seed", margin=5):
+    """One row per image (unit-major), one column per snapshot step: a uint8 grid."""
+    s = result.snapshots.shape[2]
+    flat = result.snapshots.reshape(-1, *result.snapshots.shape[3:])
+    return images_lib.grid([images_lib.deprocess(x, crop=crop, mode=mode) for x in flat], margin=margin, cols=s)
+
+
+def show_snapshots(result, *, crop=25, mode="seed", margin=5, duration_ms=500):
+    """The snapshots of a `Result` as an animated GIF that a notebook shows inline.
+
+    Returns:
+        an `IPython.display.Image` (the last expression of a cell is displayed).
+
+    Raises:
+        InvalidValueError: the job kept no snapshots (set `snapshots=[...]`).
+    """
+    from IPython.display import Image
+
+    if result.snapshots.shape[2] == 0:
+        raise InvalidValueError("This result has no snapshots; run with snapshots=[0, 10, 30] (step counts).")
+    frames = snapshot_frames(result, crop=crop, mode=mode, margin=margin)
+    return Image(data=images_lib.animation_bytes(frames, duration_ms=duration_ms), format="gif")
+
+
+def _write_extras(folder, result, all_tiles, records, names, *, crop, mode, margin, transparency):
+    """Transparency tiles (filters/*_alpha.png, named in each record) and the snapshot strip and GIF."""
+    if transparency:
+        h, w = result.transparency.shape[2:]
+        alphas = result.transparency.reshape(-1, h, w)[:, crop: h - crop, crop: w - crop]
+        for record, tile, alpha in zip(records, all_tiles, alphas):
+            record["alpha_png"] = record["png"].removesuffix(".png") + "_alpha.png"
+            images_lib.save_png(folder / record["alpha_png"], images_lib.with_alpha(tile, alpha))
+            names.add(Path(record["alpha_png"]).name)
+    if result.snapshots.shape[2] == 0:
+        for name in ("snapshots.png", "snapshots.gif"):
+            (folder / name).unlink(missing_ok=True)
+        return {}
+    shown = dict(crop=crop, mode=mode, margin=margin)
+    images_lib.save_png(folder / "snapshots.png", snapshot_strip(result, **shown))
+    atomic_write_bytes(folder / "snapshots.gif", images_lib.animation_bytes(snapshot_frames(result, **shown)))
+    return {"snapshots": {"steps": [int(n) for n in result.snapshot_steps], "strip": "snapshots.png",
+                          "animation": "snapshots.gif"}}
+
+
+def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, transparency=False):
     """Writes grid, per-filter PNGs, raw images and results.json for a finished job.
 
     Args:
@@ -147,6 +202,7 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
         config: the resolved config (JSON-able dict), recorded in results.json.
         meta: extra JSON-able facts (model, layer, units, this attempt's timings).
         crop, mode, margin: display settings (see `fvis.images`).
+        transparency: also write each tile with MaCo's transparency as its alpha channel.
 
     Returns:
         The dict written to results.json.
@@ -167,9 +223,14 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
                 "final": float(result.final[i, j]), "dead": bool(result.dead[i, j]),
                 "objective_curve": [float(v) for v in result.curves[i, j]],
             })
+    extras = _write_extras(folder, result, all_tiles, records, names, crop=crop, mode=mode, margin=margin,
+                           transparency=transparency)
+    more = {"transparency": result.transparency} if transparency else {}
+    if extras:
+        more.update(snapshots=result.snapshots, snapshot_steps=result.snapshot_steps)
     atomic_write_bytes(folder / "images.npz", npz_bytes(
-        units=result.units, images=result.images, curves=result.curves, final=result.final))
-    summary = {"config": config, **meta, "filters": records}
+        units=result.units, images=result.images, curves=result.curves, final=result.final, **more))
+    summary = {"config": config, **meta, **extras, "filters": records}
     atomic_write_json(folder / "results.json", summary)
     _remove_stale(folder, names)
     return summary
@@ -178,7 +239,7 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
 def _remove_stale(folder, names):
     """Removes what an earlier, different run left in the folder: tiles of other units, and
     report.html (it describes an older results.json; a quality step writes a new one)."""
-    for path in (folder / "filters").glob("filter_*.png"):
+    for path in (folder / "filters").glob("filter_*.png"):  # tiles and their _alpha.png
         if path.name not in names:
             path.unlink()
     (folder / "report.html").unlink(missing_ok=True)
@@ -199,7 +260,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
         folder: the output folder.
         config: the resolved config (JSON-able dict) with a "display" entry or not.
         meta: JSON-able facts that identify the job (model, objective, layer, ...).
-        display: dict of `write_run`'s crop, mode and margin, checked before the job runs.
+        display: dict of `write_run`'s crop, mode, margin (and transparency), checked before the job runs.
         progress: passed to `job.run`.
         finish: None, or a function (job, result, folder, summary) -> summary run after the
             files are written that may add to them (the cli's quality report).

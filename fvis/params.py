@@ -3,7 +3,9 @@
 A parameterization is an `(init, to_image)` pair of pure functions, for ONE image:
 
 - `init(key, shape) -> params`: `shape` is the image's (H, W, C);
-- `to_image(params) -> image`: (H, W, C) float32 in fvis' [-1, 1] space.
+- `to_image(params) -> image`: (H, W, C) float32 in fvis' [-1, 1] space;
+- `invert(image) -> params` (optional): params whose image is as close to `image` as the
+  parameterization allows, so `start_from` can begin the optimisation at a photo.
 
 The optimiser updates `params`; the objective sees `to_image(params)`. Spectral
 parameterizations keep their coefficients on the full (H, W) frequency grid, so
@@ -11,14 +13,15 @@ parameterizations keep their coefficients on the full (H, W) frequency grid, so
 """
 
 import functools
-from typing import Callable, NamedTuple
+from pathlib import Path
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvis.errors import InvalidValueError
-from fvis.images import load_photo, photo_paths
+from fvis.errors import InvalidTypeError, InvalidValueError
+from fvis.images import check_image_file, load_photo, photo_paths
 from fvis.numerics import safe_std
 
 # Square root of the colour covariance of ImageNet photos (from its SVD), the matrix of
@@ -33,6 +36,7 @@ class Parameterization(NamedTuple):
 
     init: Callable
     to_image: Callable
+    invert: Optional[Callable] = None
 
 
 def pixel(*, init_scale=0.125):
@@ -48,7 +52,7 @@ def pixel(*, init_scale=0.125):
     def init(key, shape):
         return (jax.random.uniform(key, shape, jnp.float32) - 0.5) * (2.0 * init_scale)
 
-    return Parameterization(init, lambda params: params)
+    return Parameterization(init, lambda params: params, lambda image: jnp.asarray(image, jnp.float32))
 
 
 def decorrelated_to_rgb(x):
@@ -95,6 +99,17 @@ def _to_range(x, decorrelate):
     return 2.0 * jax.nn.sigmoid(decorrelated_to_rgb(x) if decorrelate else x) - 1.0
 
 
+_EDGE = 1.0 / 255.0  # how far `_from_range` moves pixels at -1 or 1 inwards: half an 8-bit level
+
+
+def _from_range(image, decorrelate):
+    """The inverse of `_to_range`: (H, W, C) in [-1, 1] -> unbounded, pixels clipped to
+    [-1 + 1/255, 1 - 1/255] first so the inverse sigmoid stays finite."""
+    x = jnp.clip(jnp.asarray(image, jnp.float32), -1.0 + _EDGE, 1.0 - _EDGE)
+    x = jnp.log1p(x) - jnp.log1p(-x)  # logit((x + 1) / 2)
+    return rgb_to_decorrelated(x) if decorrelate else x
+
+
 def fourier(*, decay_power=1.0, init_std=0.01, decorrelate=True):
     """The Fourier parameterization with 1/f scaling and decorrelated colour.
 
@@ -114,6 +129,8 @@ def fourier(*, decay_power=1.0, init_std=0.01, decorrelate=True):
             have one (grayscale images are left as they are).
 
     Params: (2, H, W, C) float32, real and imaginary parts on the full FFT grid.
+    `invert` is exact up to float rounding, except that pixels at -1 or 1 come back
+    1/255 inside (the sigmoid reaches neither).
     """
     if not init_std >= 0:
         raise InvalidValueError(f"init_std must be >= 0. Received: init_std={init_std}")
@@ -121,7 +138,13 @@ def fourier(*, decay_power=1.0, init_std=0.01, decorrelate=True):
     def init(key, shape):
         return init_std * jax.random.normal(key, (2, *shape), jnp.float32)
 
-    return Parameterization(init, lambda params: _to_range(fourier_image(params, decay_power), decorrelate))
+    def invert(image):  # exact: the full complex spectrum holds any real image
+        height, width = image.shape[:2]
+        spectrum = jnp.fft.fft2(4.0 * _from_range(image, decorrelate), axes=(0, 1), norm="ortho")
+        spectrum = spectrum / power_law(height, width, decay_power)[..., None]
+        return jnp.stack([jnp.real(spectrum), jnp.imag(spectrum)]).astype(jnp.float32)
+
+    return Parameterization(init, lambda params: _to_range(fourier_image(params, decay_power), decorrelate), invert)
 
 
 def fourier_image(params, decay_power=1.0):
@@ -190,6 +213,12 @@ def maco(*, magnitude=None, decay_power=1.0, decorrelate=True):
     spectrum Hermitian (a real image) with exactly the magnitude |M|, and is uniform on
     the circle when p starts uniform.
 
+    `invert` is approximate by design: the magnitude is fixed, so only the photo's phase
+    (taken after the inverse sigmoid and colour decorrelation) is kept. The result is the
+    photo's phase-only reconstruction on MaCo's magnitude: its edges and layout (which the
+    phase carries; Oppenheim & Lim 1981) but MaCo's contrast, a gray mean and no sign on
+    the bins that are their own mirror (DC, Nyquist).
+
     Raises:
         MissingFileError: `magnitude` names no folder with images in it.
     """
@@ -212,7 +241,11 @@ def maco(*, magnitude=None, decay_power=1.0, decorrelate=True):
     def to_image(params):
         return _to_range(maco_image(params, template(*params.shape)), decorrelate)
 
-    return Parameterization(init, to_image)
+    def invert(image):
+        phase = jnp.angle(jnp.fft.fft2(_from_range(image, decorrelate), axes=(0, 1)))
+        return (phase / 2.0).astype(jnp.float32)  # p[k] - p[-k] = phase[k], as phase[-k] = -phase[k]
+
+    return Parameterization(init, to_image, invert)
 
 
 def maco_image(params, magnitude):
@@ -228,3 +261,41 @@ def maco_image(params, magnitude):
     """
     spectrum = magnitude * jnp.exp(1j * (params - _mirror(params)))
     return _standardize(jnp.real(jnp.fft.ifft2(spectrum, axes=(0, 1))).astype(jnp.float32))
+
+
+def start_from(param, image):
+    """`param`, starting from `image` instead of its random start (Mahendran & Vedaldi 2015,
+    https://arxiv.org/abs/1412.0035; Lucid's caricatures).
+
+    Every unit and image starts from `param.invert(image)`; the key is not used. How
+    exactly the start reproduces the photo depends on the parameterization (see its
+    docstring): pixel and Fourier to float rounding, MaCo only in phase.
+
+    Args:
+        param: a `Parameterization` with `invert` (pixel, fourier, maco).
+        image: (H, W, C) float array in fvis' [-1, 1] space, at the job's image size; or
+            the path of a photo, centre-cropped and resized to the job's size (as
+            `fvis.images.load_photo`) when the job's images are initialised.
+
+    Raises:
+        InvalidTypeError: `param` has no `invert`.
+        MissingFileError: `image` is a path that cannot be read as an image (checked here).
+        InvalidValueError: an array whose shape is not the job's image shape (when traced).
+    """
+    if getattr(param, "invert", None) is None:
+        raise InvalidTypeError(f"start_from needs a parameterization with an inverse (fvis.params.pixel, fourier, "
+                               f"maco). Received: {param!r}")
+    source = check_image_file(image, purpose="the starting image") if _is_path(image) else np.asarray(image, np.float32)
+
+    def init(key, shape):
+        photo = load_photo(source, shape[:2], channels=shape[2]) if _is_path(source) else source
+        if photo.shape != tuple(shape):
+            raise InvalidValueError(f"The starting image has shape {photo.shape}, but the job's images are "
+                                    f"{tuple(shape)}. Received: image of shape {photo.shape}")
+        return param.invert(photo)
+
+    return param._replace(init=init)
+
+
+def _is_path(value):
+    return isinstance(value, (str, Path))

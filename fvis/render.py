@@ -14,6 +14,7 @@ from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fvis.objectives import INPUT
@@ -26,12 +27,17 @@ class Rendered(NamedTuple):
     curves: (B, D, steps) float32, the objective before each step's update.
     final: (B, D) float32, the objective of the final image, without transforms.
     grad_norms: (B, D, steps) float32, L2 norm of each step's objective gradient.
+    transparency: (B, D, H, W) float32 in [0, 1], MaCo's transparency map (see `transparency`).
+    snapshots: (B, D, S, H, W, C) float32, the image after each of the S requested
+        numbers of steps (`snapshot_steps`; S = 0 when none were requested).
     """
 
     images: jax.Array
     curves: jax.Array
     final: jax.Array
     grad_norms: jax.Array
+    transparency: jax.Array
+    snapshots: jax.Array
 
 
 def image_keys(key, units, images_per_unit):
@@ -50,12 +56,34 @@ def _vmap2(fn, in_axes=0):
     return jax.vmap(jax.vmap(fn, in_axes), in_axes)
 
 
-class Renderer(NamedTuple):
-    """The pure pieces of one chunk's optimisation; state = (params, opt_state, loop_keys).
+def transparency(grad_sum):
+    """MaCo's transparency map from the summed gradient magnitudes of one image's steps.
 
+    Fel et al., NeurIPS 2023 (https://arxiv.org/abs/2306.06805), Sec. 3: the magnitude of
+    the objective's gradient with respect to the image, accumulated over the optimisation
+    (so over its random crops), shows which parts of the image the unit depends on.
+
+    Args:
+        grad_sum: (H, W, C) float32, sum over steps of |d objective / d image| (the image
+            before transforms).
+
+    Returns:
+        (H, W) float32 in [0, 1]: the channel mean divided by its maximum (all 0 when the
+        gradient was 0 everywhere, as for a dead unit).
+    """
+    alpha = jnp.mean(grad_sum, axis=-1)
+    peak = jnp.max(alpha)
+    return jnp.where(peak > 0, alpha / jnp.where(peak > 0, peak, 1.0), 0.0)
+
+
+class Renderer(NamedTuple):
+    """The pure pieces of one chunk's optimisation.
+
+    state = (params, opt_state, loop_keys, grad_sum (B, D, H, W, C), snapshots (B, D, S, H, W, C)).
     init(units, keys) -> state: `units` (B,) int32, `keys` (B, D) typed keys.
     step(weights, state, units, step) -> (state, (values, norms)), each (B, D) float32.
-    finish(weights, state, units) -> (images (B, D, H, W, C), final (B, D)).
+    finish(weights, state, units) -> (images (B, D, H, W, C), final (B, D), transparency
+        (B, D, H, W), snapshots (B, D, S, H, W, C)).
     """
 
     init: Callable
@@ -63,7 +91,7 @@ class Renderer(NamedTuple):
     finish: Callable
 
 
-def make_renderer(forward, objective, *, param, transform, optimizer, image_shape):
+def make_renderer(forward, objective, *, param, transform, optimizer, image_shape, snapshot_steps=()):
     """Builds the `Renderer` that optimises one chunk of units.
 
     Args:
@@ -74,27 +102,31 @@ def make_renderer(forward, objective, *, param, transform, optimizer, image_shap
         optimizer: an `optax.GradientTransformation`, applied per image to the
             gradient of the negated objective.
         image_shape: (H, W, C) of the images.
+        snapshot_steps: numbers of steps n after which to keep the image (0: the start), in
+            increasing order; collected inside the compiled step, whatever the loop form.
 
     Returns:
         A `Renderer`; `scan_chunk(renderer, steps)` joins its pieces into one function.
     """
 
-    def image_value(params, unit, key, weights):
-        image = param.to_image(params)
+    snaps = np.asarray(snapshot_steps, np.int32)
+
+    def image_value(image, unit, key, weights):
         acts = forward(weights, transform(key, image))
         acts[INPUT] = image
         return objective(acts, unit), acts
 
-    def unit_loss(params, unit, keys, weights):  # params: (D, ...) of one unit
-        values, acts = jax.vmap(image_value, (0, None, 0, None))(params, unit, keys, weights)
+    def unit_loss(images, unit, keys, weights):  # images: (D, H, W, C) of one unit
+        values, acts = jax.vmap(image_value, (0, None, 0, None))(images, unit, keys, weights)
         return -(jnp.sum(values) + objective.group(acts, unit)), values
 
     def unit_step(params, opt_state, unit, keys, weights):
-        grad_fn = jax.value_and_grad(unit_loss, has_aux=True)
-        (_, values), grads = grad_fn(params, unit, keys, weights)
+        images, pullback = jax.vjp(jax.vmap(param.to_image), params)
+        (_, values), image_grads = jax.value_and_grad(unit_loss, has_aux=True)(images, unit, keys, weights)
+        (grads,) = pullback(image_grads)
         updates, opt_state = jax.vmap(optimizer.update)(grads, opt_state, params)
         norms = jax.vmap(optax.tree.norm)(grads)
-        return optax.apply_updates(params, updates), opt_state, values, norms
+        return optax.apply_updates(params, updates), opt_state, values, norms, jnp.abs(image_grads)
 
     def final_value(params, unit, weights):
         image = param.to_image(params)
@@ -102,22 +134,33 @@ def make_renderer(forward, objective, *, param, transform, optimizer, image_shap
         acts[INPUT] = image
         return objective(acts, unit)
 
+    def keep(snapshots, params, n):
+        """Writes the images of `params` into the snapshot slots of step count n."""
+        if not len(snaps):
+            return snapshots
+        hit = (jnp.asarray(snaps) == n)[None, None, :, None, None, None]
+        return jnp.where(hit, _vmap2(param.to_image)(params)[:, :, None], snapshots)
+
     def init(units, keys):
         init_keys, loop_keys = _vmap2(lambda k: tuple(jax.random.split(k)))(keys)
         params = _vmap2(lambda k: param.init(k, image_shape))(init_keys)
-        return params, _vmap2(optimizer.init)(params), loop_keys
+        lead = keys.shape
+        snapshots = jnp.zeros((*lead, len(snaps), *image_shape), jnp.float32)
+        return (params, _vmap2(optimizer.init)(params), loop_keys, jnp.zeros((*lead, *image_shape), jnp.float32),
+                keep(snapshots, params, 0))
 
     def step(weights, state, units, step):
-        params, opt_state, loop_keys = state
+        params, opt_state, loop_keys, grad_sum, snapshots = state
         step_keys = _vmap2(lambda k: jax.random.fold_in(k, step))(loop_keys)
-        params, opt_state, values, norms = jax.vmap(unit_step, (0, 0, 0, 0, None))(
+        params, opt_state, values, norms, magnitudes = jax.vmap(unit_step, (0, 0, 0, 0, None))(
             params, opt_state, units, step_keys, weights)
-        return (params, opt_state, loop_keys), (values, norms)
+        state = (params, opt_state, loop_keys, grad_sum + magnitudes, keep(snapshots, params, step + 1))
+        return state, (values, norms)
 
     def finish(weights, state, units):
-        params = state[0]
+        params, _, _, grad_sum, snapshots = state
         final = jax.vmap(jax.vmap(final_value, (0, None, None)), (0, 0, None))(params, units, weights)
-        return _vmap2(param.to_image)(params), final
+        return _vmap2(param.to_image)(params), final, _vmap2(transparency)(grad_sum), snapshots
 
     return Renderer(init, step, finish)
 
@@ -128,7 +171,7 @@ def scan_chunk(renderer, steps):
     def run(weights, units, keys):
         body = lambda state, step: renderer.step(weights, state, units, step)
         state, (curves, norms) = jax.lax.scan(body, renderer.init(units, keys), jnp.arange(steps))
-        images, final = renderer.finish(weights, state, units)
-        return Rendered(images, jnp.moveaxis(curves, 0, -1), final, jnp.moveaxis(norms, 0, -1))
+        images, final, alpha, snapshots = renderer.finish(weights, state, units)
+        return Rendered(images, jnp.moveaxis(curves, 0, -1), final, jnp.moveaxis(norms, 0, -1), alpha, snapshots)
 
     return run

@@ -95,7 +95,10 @@ def _filter_row(record):
         f'<figure><img src="natural/{html.escape(quote(p["name"]))}.png" alt="{html.escape(p["name"])}">'
         f'<figcaption>{html.escape(p["name"])} {p["activation"]:.3g}</figcaption></figure>'
         for p in q.get("top_natural", []))
-    cells = [f'<img class="tile" src="{html.escape(record["png"])}" alt="unit {record["unit"]}">',
+    alpha = record.get("alpha_png")
+    alpha = (f'<img class="tile alpha" src="{html.escape(alpha)}" alt="unit {record["unit"]}, transparency" '
+             f'title="MaCo transparency: opaque where the gradient was large">' if alpha else "")
+    cells = [f'<img class="tile" src="{html.escape(record["png"])}" alt="unit {record["unit"]}">{alpha}',
              f'{record["unit"]}' + (f' ({record["image"]})' if record.get("image") else ""),
              _number(q.get("activation")), _number(q.get("selectivity_rank"), "{}"),
              _number(q.get("robustness"), "{:.3f}"), _number(q.get("spectral_slope"), "{:.2f}"),
@@ -120,6 +123,10 @@ def page(summary):
     dead = summary.get("dead_filters", [])
     facts += f"<tr><th>dead units (never moved; gray tiles)</th><td>{len(dead)}</td><td></td></tr>" if dead else ""
     rows = "\n".join(_filter_row(r) for r in summary["filters"])
+    snaps = summary.get("snapshots")
+    snaps = (f'<h2>Snapshots after {", ".join(map(str, snaps["steps"]))} steps</h2>'
+             f'<img class="grid" src="{snaps["strip"]}" alt="one row per image, one column per snapshot"> '
+             f'<img class="grid" src="{snaps["animation"]}" alt="the grid, animated">' if snaps else "")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>fvis report: {title}</title>
 <style>
@@ -127,10 +134,12 @@ body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: col
 td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }}
 img.grid {{ max-width: 100%; }} img.tile {{ width: 96px; }} figure {{ display: inline-block; margin: 0 4px; }}
 figure img {{ width: 64px; }} figcaption {{ font-size: 70%; }}
+img.alpha {{ margin-left: 4px; background: repeating-conic-gradient(#ccc 0 25%, #fff 0 50%) 0 0 / 12px 12px; }}
 </style></head><body>
 <h1>{title}</h1>
 <table>{facts}</table>
 <h2>Grid</h2><img class="grid" src="grid.png" alt="grid of all images">
+{snaps}
 <h2>Per filter</h2>
 <table><tr><th>image</th><th>unit</th><th>activation</th><th>selectivity rank</th><th>robustness</th>
 <th>spectral slope</th><th>/ best photo</th><th>objective per step</th><th>top natural photos</th></tr>

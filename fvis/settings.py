@@ -44,6 +44,8 @@ class Settings:
             pass none, so units dead on the start image still move (Lucid's redirected
             ReLU; same forward values; see `fvis.models.jax_rewrites`). Off in the
             reference, on in the lucid and maco presets.
+        snapshots: step counts n in [0, steps] after which the image is kept (0: the start),
+            like Lucid's `thresholds`; stored sorted, as a tuple. None or () keeps none.
 
     Raises:
         InvalidValueError, UnknownNameError: on construction, naming the bad value.
@@ -56,6 +58,7 @@ class Settings:
     loop: str = "auto"
     precision: str = "float32"
     redirect_relu: bool = False
+    snapshots: Optional[tuple] = ()
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)
@@ -69,6 +72,20 @@ class Settings:
         check_precision(self.precision)
         if not isinstance(self.redirect_relu, bool):
             raise InvalidValueError(f"redirect_relu must be true or false. Received: redirect_relu={self.redirect_relu!r}")
+        set_("snapshots", check_snapshots(self.snapshots, self.steps))
+
+
+def check_snapshots(snapshots, steps):
+    """Returns the snapshot steps as a sorted tuple of distinct ints in [0, steps], or raises InvalidValueError."""
+    values = [] if snapshots is None else snapshots
+    try:
+        values = [v for v in values]
+    except TypeError:
+        values = None
+    if values is None or not all(is_integer(v) and 0 <= v <= steps for v in values):
+        raise InvalidValueError(f"snapshots must be a list of step counts from 0 (the start) to steps={steps}, "
+                                f"e.g. [0, {steps // 2}, {steps}]. Received: snapshots={snapshots!r}")
+    return tuple(sorted({int(v) for v in values}))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,11 +97,14 @@ class Display:
         crop: pixels cut from each side of a tile, >= 0 (checked against the image size
             before a job computes).
         margin: black pixels between tiles, >= 0.
+        transparency: also write each tile with MaCo's transparency map as its alpha channel
+            (filters/filter_NNNN_alpha.png; Fel et al. 2023), shown in report.html.
     """
 
     mode: str = "seed"
     crop: int = 25
     margin: int = 5
+    transparency: bool = False
 
     def __post_init__(self):
         check_positive_int("display.crop", self.crop, minimum=0)
@@ -92,6 +112,8 @@ class Display:
         if self.mode not in DISPLAY_MODES:
             raise InvalidValueError(f"Unknown display mode '{self.mode}'; use 'seed' or 'clip' (display.mode). "
                                     f"Received: mode='{self.mode}'")
+        if not isinstance(self.transparency, bool):
+            raise InvalidValueError(f"display.transparency must be true or false. Received: {self.transparency!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,6 +40,10 @@ class Result:
         curves: (N, D, steps) float32 objective before each update.
         final: (N, D) float32 objective of the final image (no transforms).
         grad_norms: (N, D, steps) float32 gradient norms.
+        transparency: (N, D, H, W) float32 in [0, 1], MaCo's transparency map of each image
+            (`fvis.render.transparency`).
+        snapshots: (N, D, S, H, W, C) float32, the images after each of `snapshot_steps`.
+        snapshot_steps: (S,) int32, the step counts of the snapshots (`Settings.snapshots`).
         compile_s: seconds spent compiling (0 if every chunk came from the store).
         optimize_s: seconds spent running the compiled chunks.
     """
@@ -49,6 +53,9 @@ class Result:
     curves: np.ndarray
     final: np.ndarray
     grad_norms: np.ndarray
+    transparency: np.ndarray
+    snapshots: np.ndarray
+    snapshot_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     compile_s: float = 0.0
     optimize_s: float = 0.0
 
@@ -74,6 +81,7 @@ class Job:
     loop: str
     mesh: object
     facts: dict = dataclasses.field(default_factory=dict)
+    snapshot_steps: tuple = ()
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
@@ -132,7 +140,8 @@ class Job:
                 parts.append(rendered)
                 bar.update(len(chunk_units))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
-        return Result(self.units, *stacked, compile_s=compile_s, optimize_s=optimize_s)
+        return Result(self.units, *stacked, snapshot_steps=np.asarray(self.snapshot_steps, np.int32),
+                      compile_s=compile_s, optimize_s=optimize_s)
 
     def _check_finite(self, rendered, chunk_units):
         """Raises NonFiniteError naming the first non-finite quantity: the step, the unit, and what."""
@@ -209,13 +218,15 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     batch_size = devices_lib.round_up(min(batch_size, len(units)), mesh.size)
     loop = devices_lib.auto_loop(model) if settings.loop == "auto" else settings.loop
     image_shape = (*model.image_size, model.channels)
+    objective = objective.bind(forward)  # a photo's activations, once (inversion, caricature)
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
-        optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape)
+        optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape,
+        snapshot_steps=settings.snapshots)
     facts = forward.facts()
     _log_facts(facts, rewrites)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
-               renderer, image_shape, loop, mesh, facts)
+               renderer, image_shape, loop, mesh, facts, settings.snapshots)
 
 
 def _log_facts(facts, rewrites):

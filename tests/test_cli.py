@@ -50,10 +50,18 @@ def test_every_model_config_instantiates_with_its_default_layer(name, tmp_path, 
     assert job.units.tolist() == [0, 1] and len(job.forward.shapes()[cfg.layer]) == 3
 
 
+def needed_values(name, tmp_path):
+    """The overrides a component config leaves to the user (a photo, direction vectors, a second layer)."""
+    if name in ("inversion", "caricature"):
+        Image.fromarray(np.full((8, 8, 3), 100, np.uint8)).save(tmp_path / "photo.png")
+        return [f"image={tmp_path / 'photo.png'}"]
+    return {"direction": ["objective.vectors=[[1,0]]"], "combined": ["objective.terms.1.layer=conv2"]}.get(name, [])
+
+
 @pytest.mark.parametrize("group", ["objective", "param", "transform", "optimizer"])
-def test_every_component_config_instantiates(group):
+def test_every_component_config_instantiates(group, tmp_path):
     for name in options(group):
-        cfg = composed("model=tiny", f"{group}={name}")
+        cfg = composed("model=tiny", f"{group}={name}", *needed_values(name, tmp_path))
         assert instantiate(cfg[group]) is not None, (group, name)
 
 
