@@ -22,13 +22,14 @@ import io
 import json
 import os
 import platform
+import time
 import traceback
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from fvis import images as images_lib
+from fvis import images as images_lib, runfolder
 from fvis.render import Rendered
 
 
@@ -233,34 +234,72 @@ def _write_attempts(folder, attempts):
     atomic_write_json(Path(folder) / "run.json", {"status": attempts[-1]["status"], "attempts": attempts})
 
 
-@contextlib.contextmanager
-def attempt(folder):
-    """Records one attempt at a job in `folder/run.json`, and a failure in `error.json`.
+def compute_starts(record):
+    """Notes in an attempt's record that compute begins: an error before this point is a refusal."""
+    record["compute_started"] = _now()
 
-    run.json says "running" from the start, then "done", "failed" or "interrupted"
-    (Ctrl-C); a job killed outright stays "running" (the summary shows it as
-    incomplete). Earlier attempts (a resumed job's) are kept in order.
+
+@contextlib.contextmanager
+def attempt(folder, *, keep_refused=False):
+    """Holds `folder` (see `fvis.runfolder`) and records one attempt at a job in run.json.
+
+    Opening the folder takes its lock (another live job there: `FolderBusyError`, and
+    nothing is touched), marks attempts a dead process left "running" as "killed", and
+    deletes temporary files killed writers left. run.json then says "running", and at
+    the end "done", "failed" (and error.json says why), "interrupted" (Ctrl-C) or
+    "refused": an error before `compute_starts(record)` (bad input, checked before any
+    compute). A refusal leaves the folder as it found it (a new folder is removed)
+    unless `keep_refused` (a sweep's job, listed by the summary with its message).
+    Each finished attempt records its "seconds"; earlier attempts are kept in order.
 
     Yields:
         The attempt's dict; fill it with JSON-able facts (timings, chunk counts).
     """
     folder = Path(folder)
-    attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
-    record = {"status": "running", "started": _now(), "host": platform.node(), "pid": os.getpid()}
-    attempts.append(record)
-    _write_attempts(folder, attempts)
-    try:
-        yield record
-    except BaseException as e:
-        failed = isinstance(e, Exception)
-        record.update(status="failed" if failed else "interrupted", finished=_now(),
-                      error=f"{type(e).__name__}: {e}")
-        if failed:
-            atomic_write_json(folder / "error.json", {
-                "type": type(e).__name__, "message": str(e), "time": record["finished"],
-                "traceback": traceback.format_exc()})
+    new = not folder.exists()
+    with runfolder.locked(folder):
+        attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
+        if runfolder.mark_killed(folder, attempts):
+            _write_attempts(folder, attempts)
+        runfolder.remove_temporaries(folder)
+        before = {name: (folder / name).read_bytes() if (folder / name).exists() else None
+                  for name in ("run.json", "error.json")}
+        start = time.perf_counter()
+        record = {"status": "running", "started": _now(), "host": platform.node(), "pid": os.getpid()}
+        attempts.append(record)
         _write_attempts(folder, attempts)
-        raise
-    record.update(status="done", finished=_now())
-    (folder / "error.json").unlink(missing_ok=True)
-    _write_attempts(folder, attempts)
+        try:
+            yield record
+        except BaseException as e:
+            failed = isinstance(e, Exception)
+            refused = failed and "compute_started" not in record
+            if refused and not keep_refused:
+                _restore(folder, before, remove_folder=new)
+                raise
+            record.update(status="refused" if refused else "failed" if failed else "interrupted",
+                          finished=_now(), seconds=round(time.perf_counter() - start, 3),
+                          error=f"{type(e).__name__}: {e}")
+            if failed:
+                atomic_write_json(folder / "error.json", {
+                    "type": type(e).__name__, "message": str(e), "time": record["finished"],
+                    "traceback": traceback.format_exc()})
+            _write_attempts(folder, attempts)
+            raise
+        record.update(status="done", finished=_now(), seconds=round(time.perf_counter() - start, 3))
+        (folder / "error.json").unlink(missing_ok=True)
+        _write_attempts(folder, attempts)
+
+
+def _restore(folder, before, *, remove_folder):
+    """Puts run.json and error.json back as they were; a folder that held no run loses its lock
+    file, and is removed when this attempt created it and it is empty."""
+    for name, data in before.items():
+        if data is None:
+            (folder / name).unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(folder / name, data)
+    if before["run.json"] is None:
+        (folder / runfolder.LOCK_NAME).unlink(missing_ok=True)
+        if remove_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()

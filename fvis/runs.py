@@ -18,7 +18,7 @@ from typing import NamedTuple
 
 from tqdm.auto import tqdm
 
-from fvis import atlas, objectives as objectives_lib, outputs, quality as quality_lib, report
+from fvis import atlas, images as images_lib, objectives as objectives_lib, outputs, quality as quality_lib, report
 from fvis.errors import InvalidTypeError
 from fvis.models import as_vis_model
 from fvis.settings import Display, Quality, Settings
@@ -85,6 +85,9 @@ def run_job(model, objective, units, folder, *, layers=None, param=None, transfo
     if config is None:
         config = _describe(objective, units, layers, param, transform, optimizer, settings, display, quality)
     shown = dataclasses.asdict(display)
+    for _, job in jobs:
+        images_lib.check_display(job.image_shape[:2], **shown)
+    outputs.compute_starts(attempt)  # an error before this line is a refusal (see fvis.outputs.attempt)
     if layers is None:
         job = jobs[0][1]
         summary, facts = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job), display=shown,

@@ -84,7 +84,7 @@ def test_job_killed_between_chunks_resumes_to_identical_files(tmp_path, referenc
     _, record = cli.run(composed(*TINY, "steps=4"), out)
     assert record["chunks"] == {"total": 3, "reused": 2, "computed": 1, "recomputed_bad": []}
     assert product(out) == reference
-    assert [a["status"] for a in attempts(out)] == ["running", "done"]
+    assert [a["status"] for a in attempts(out)] == ["killed", "done"]
 
 
 @pytest.mark.slow
@@ -161,17 +161,6 @@ def test_a_smaller_job_in_a_used_folder_leaves_no_stale_tiles_chunks_or_report(t
     assert sorted(p.name for p in (tmp_path / "filters").iterdir()) == ["filter_0000.png", "filter_0001.png"]
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk_00000.npz"]
     assert not (tmp_path / "report.html").exists() and len(summary["filters"]) == 2
-
-
-def test_failed_attempt_is_recorded_and_cleared_by_a_later_success(tmp_path):
-    with pytest.raises(fvis.errors.UnknownNameError):
-        cli.run(composed(*TINY, "steps=2", "layer=conv9"), tmp_path)
-    error = json.loads((tmp_path / "error.json").read_text())
-    assert error["type"] == "UnknownNameError" and "conv9" in error["message"] and "Traceback" in error["traceback"]
-    assert attempts(tmp_path)[-1]["status"] == "failed"
-    cli.run(composed(*FAST, "steps=2"), tmp_path)
-    assert not (tmp_path / "error.json").exists()
-    assert [a["status"] for a in attempts(tmp_path)] == ["failed", "done"]
 
 
 def by_unit(result):

@@ -107,7 +107,7 @@ def test_summary_lists_done_failed_and_killed_jobs_with_their_figures(tmp_path):
     rows = summary.write_summary(tmp_path)
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert [(r["job"], r["status"], r["lr"], r["filters"]) for r in table] == [
-        ("lr=1", "done", "1", "0:2"), ("lr=5", "failed", "5", "0:2"), ("lr=9", "incomplete", "9", "0:2")]
+        ("lr=1", "done", "1", "0:2"), ("lr=5", "failed", "5", "0:2"), ("lr=9", "killed", "9", "0:2")]
     assert table[0]["n_filters"] == "2" and table[0]["n_dead"] == "1" and table[0]["final_mean"] == "2"
     assert table[0]["optimize_s"] == "3.5" and table[0]["quality.diversity"] == "0.25"
     assert table[0]["quality.fid.inception"] == "12.5" and "quality.note" not in table[0]
@@ -138,7 +138,7 @@ def test_multirun_lists_every_job_keeps_going_past_a_failure_and_resumes(tmp_pat
     (folder,) = (tmp_path / "multirun").iterdir()
     assert folder.name == "filters=0_3,layer=conv1,conv9,relu2,model=tiny,quality.enabled=false,steps=2"
     table = list(csv.DictReader((folder / "summary.csv").open()))
-    assert [(r["layer"], r["status"]) for r in table] == [("conv1", "done"), ("conv9", "failed"), ("relu2", "done")]
+    assert [(r["layer"], r["status"]) for r in table] == [("conv1", "done"), ("conv9", "refused"), ("relu2", "done")]
     failed = folder / table[1]["job"]
     assert "conv9" in json.loads((failed / "error.json").read_text())["message"]
     done = [folder / r["job"] for r in table if r["status"] == "done"]
