@@ -3,11 +3,14 @@
 Layout of a run folder:
     grid.png               all tiles, the reference layout
     filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
-    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
+    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values,
+                           gradient norms, and each unit's chunk (a finished job's chunks)
     results.json           resolved config, per-filter curves and final values
-    chunks/chunk_00000.npz finished chunks, so a killed job resumes where it stopped
+    chunks/chunk_00000.npz finished chunks while the job runs, so a killed job resumes where it
+                           stopped (deleted once images.npz holds them: the data is kept once)
     run.json               each attempt at the job: status, times, timings, host, versions
     error.json             why the last attempt failed (removed when one succeeds)
+    .fvis.lock             held by the job writing the folder (see `fvis.runfolder`)
 
 Every file but run.json depends only on the config (and the platform): running a
 job again, or resuming it after a kill, rewrites them byte for byte, except the
@@ -22,6 +25,7 @@ import io
 import json
 import os
 import platform
+import shutil
 import time
 import traceback
 import zipfile
@@ -75,34 +79,62 @@ def fingerprint(config):
 
 
 class ChunkStore:
-    """Finished chunks as `chunks/chunk_NNNNN.npz` files in a run folder.
+    """Finished chunks of a run folder: `chunks/chunk_NNNNN.npz` while the job runs, and
+    `images.npz` once it is done (its chunks are then deleted: the data is kept once).
 
-    A chunk file is reused only if it reads back completely (zip CRCs checked),
-    holds the expected units, and carries this job's config fingerprint; anything
-    else (a partial file left by a kill, another config) is recomputed.
+    A chunk is reused only if its file reads back completely (zip CRCs checked), holds
+    the expected units, and carries this job's config fingerprint; anything else (a
+    partial file left by a kill, another config) is recomputed. A finished run's
+    images.npz serves the chunks it holds under the same rules.
     """
 
     def __init__(self, folder, config_fingerprint):
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
         self.reused, self.rejected, self.saved = [], [], []
+        self._finished = None  # images.npz's arrays, read once: {} when absent, None-valued when untrusted
 
     def _path(self, index):
         return self.folder / f"chunk_{index:05d}.npz"
 
     def load(self, index, units):
+        """The chunk's `Rendered` from its file or the finished images.npz, or None (then computed)."""
+        rendered, seen = self._from_chunk_file(index, units)
+        if rendered is None:
+            rendered, seen_finished = self._from_finished(index, units)
+            seen = seen or seen_finished
+        if rendered is not None:
+            self.reused.append(index)
+        elif seen:
+            self.rejected.append(index)
+        return rendered
+
+    def _from_chunk_file(self, index, units):
+        """(Rendered or None, whether a file was there)."""
         path = self._path(index)
         if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}  # reading checks every CRC
-            ok = (str(arrays.pop("fingerprint")) == self.fingerprint
-                  and np.array_equal(arrays.pop("units"), units))
-            rendered = Rendered(**arrays) if ok else None
-        except Exception:  # truncated, corrupt or foreign file: never trusted
-            rendered = None
-        (self.reused if rendered is not None else self.rejected).append(index)
-        return rendered
+            return None, False
+        arrays = _read_npz(path)
+        ok = (arrays is not None and str(arrays.pop("fingerprint", "")) == self.fingerprint
+              and np.array_equal(arrays.pop("units", None), units) and set(arrays) == set(Rendered._fields))
+        return (Rendered(**arrays) if ok else None), True
+
+    def _from_finished(self, index, units):
+        """(Rendered or None, whether images.npz was there) for chunk `index` of a finished run."""
+        if self._finished is None:
+            path = self.folder.parent / "images.npz"
+            arrays = _read_npz(path) if path.exists() else {}
+            fields = {"fingerprint", "chunk", "units", *Rendered._fields}
+            trusted = arrays == {} or (arrays is not None and fields <= set(arrays)
+                                       and str(arrays["fingerprint"]) == self.fingerprint)
+            self._finished = arrays if trusted else {"untrusted": True}
+        if not self._finished:
+            return None, False
+        if "untrusted" in self._finished:
+            return None, True
+        rows = self._finished["chunk"] == index
+        if not np.array_equal(self._finished["units"][rows], units):
+            return None, True
+        return Rendered(*(self._finished[name][rows] for name in Rendered._fields)), False
 
     def save(self, index, units, rendered):
         atomic_write_bytes(self._path(index), npz_bytes(
@@ -118,12 +150,18 @@ class ChunkStore:
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def remove_beyond(self, count):
-        """Deletes chunk files with an index >= count: left by an earlier job with more chunks."""
-        for path in self.folder.glob("chunk_*.npz"):
-            index = path.stem.removeprefix("chunk_")
-            if index.isdigit() and int(index) >= count:
-                path.unlink()
+    def clear(self):
+        """Deletes the chunks folder: call it once images.npz holds every chunk."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_npz(path):
+    """Every array of an .npz file (reading checks each CRC), or None if it is truncated, corrupt or foreign."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception:  # truncated, corrupt or foreign file: never trusted
+        return None
 
 
 def tiles(result, *, crop=25, mode="seed"):
@@ -139,7 +177,7 @@ def tiles(result, *, crop=25, mode="seed"):
     return out
 
 
-def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
+def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, chunks=None):
     """Writes grid, per-filter PNGs, raw images and results.json for a finished job.
 
     Args:
@@ -148,6 +186,8 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
         config: the resolved config (JSON-able dict), recorded in results.json.
         meta: extra JSON-able facts (model, layer, units, this attempt's timings).
         crop, mode, margin: display settings (see `fvis.images`).
+        chunks: None, or (config fingerprint, (N,) chunk index of each unit): images.npz then
+            also serves as the job's finished chunks (see `ChunkStore`).
 
     Returns:
         The dict written to results.json.
@@ -168,8 +208,10 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5):
                 "final": float(result.final[i, j]), "dead": bool(result.dead[i, j]),
                 "objective_curve": [float(v) for v in result.curves[i, j]],
             })
+    resume = {} if chunks is None else {"fingerprint": np.array(chunks[0]), "chunk": np.asarray(chunks[1], np.int32)}
     atomic_write_bytes(folder / "images.npz", npz_bytes(
-        units=result.units, images=result.images, curves=result.curves, final=result.final))
+        units=result.units, images=result.images, curves=result.curves, final=result.final,
+        grad_norms=result.grad_norms, **resume))
     summary = {"config": config, **meta, "filters": records}
     atomic_write_json(folder / "results.json", summary)
     _remove_stale(folder, names)
@@ -191,9 +233,10 @@ _NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that c
 def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):
     """Runs a prepared `fvis.visualize.Job` resumably in `folder` and writes its outputs.
 
-    Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there
-    from the same computation (the config less its display and cache settings, `meta` and
-    the resolved batch size) are reused, anything else is recomputed.
+    Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there, or in a
+    finished run's images.npz, from the same computation (the config less its display and
+    cache settings, `meta` and the resolved batch size) are reused, anything else is
+    recomputed. Once images.npz is written with every chunk, `chunks/` is deleted.
 
     Args:
         job: from `fvis.prepare`.
@@ -202,8 +245,9 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
         meta: JSON-able facts that identify the job (model, objective, layer, ...).
         display: dict of `write_run`'s crop, mode and margin, checked before the job runs.
         progress: passed to `job.run`.
-        finish: None, or a function (job, result, folder, summary) -> summary run after the
-            files are written that may add to them (the cli's quality report).
+        finish: None, or a function (job, result, folder, summary, previous) -> summary run after
+            the files are written that may add to them (the cli's quality report); `previous` is
+            the folder's results.json as it was before this attempt (or None), to reuse figures.
 
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
@@ -212,15 +256,16 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     key = {"config": {k: v for k, v in config.items() if k not in _NOT_RESULTS}, "meta": meta,
            "batch_size": job.batch_size}
     store = ChunkStore(folder, fingerprint(key))
+    previous = read_json(Path(folder) / "results.json")
     result = job.run(store=store, progress=progress)
     meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
-    summary = write_run(folder, result, config=config, meta=meta, **display)
+    chunk_of_unit = np.concatenate([np.full(len(units), index) for index, units in job.chunks()])
+    summary = write_run(folder, result, config=config, meta=meta, **display, chunks=(store.fingerprint, chunk_of_unit))
     if finish is not None:
-        summary = finish(job, result, folder, summary)
-    store.remove_temporaries()
-    store.remove_beyond(len(job.chunks()))
+        summary = finish(job, result, folder, summary, previous)
+    store.clear()  # images.npz holds them now
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
              "chunks": {"total": len(job.chunks()), **store.stats()}}
     return summary, facts

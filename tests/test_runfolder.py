@@ -12,10 +12,11 @@ import sys
 import time
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import fvis
-from fvis import cli, objectives, outputs, runfolder, summary
+from fvis import cli, objectives, quality as quality_lib, runfolder, summary
 from fvis.errors import NonFiniteError, UnknownNameError
 from fvis.settings import Display, Quality, Settings
 from tests.test_resume import FAST, attempts, composed, fvis_process, product
@@ -177,3 +178,58 @@ def test_summary_shows_each_jobs_attempts_and_the_seconds_lost(tmp_path):
     table = {r["job"]: r for r in csv.DictReader((tmp_path / "summary.csv").open())}
     assert table["a"]["ended"] == "killed, failed, done" and table["a"]["lost_s"] == "42.5"
     assert "5 attempts did not finish, 46.0 s of compute lost" in (tmp_path / "summary.html").read_text()
+
+
+def npz_files(folder):
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.npz"))
+
+
+def test_a_finished_run_keeps_its_images_once_and_resumes_from_them_to_the_same_bytes(tmp_path):
+    _, record = cli.run(composed(*FAST, "steps=2"), tmp_path)
+    assert record["chunks"]["computed"] == 3 and npz_files(tmp_path) == ["images.npz"]
+    with np.load(tmp_path / "images.npz") as data:
+        payload = sum(data[k].nbytes for k in data.files)
+        images = data["images"].nbytes
+    size = (tmp_path / "images.npz").stat().st_size
+    assert images > 4096 and payload <= size <= payload + 4096  # each array once (npy headers and zip entries aside)
+    before = product(tmp_path)
+    _, again = cli.run(composed(*FAST, "steps=2"), tmp_path)
+    assert again["chunks"] == {"total": 3, "reused": 3, "computed": 0, "recomputed_bad": []}
+    assert product(tmp_path) == before
+
+
+def test_a_finished_runs_images_are_not_trusted_for_another_computation(tmp_path):
+    cli.run(composed(*FAST, "steps=2"), tmp_path)
+    _, record = cli.run(composed(*FAST, "steps=3"), tmp_path)
+    assert record["chunks"] == {"total": 3, "reused": 0, "computed": 3, "recomputed_bad": [0, 1, 2]}
+    other = tmp_path.parent / "fresh"
+    cli.run(composed(*FAST, "steps=3"), other)
+    assert product(tmp_path) == product(other)
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """Counts the calls of the quality measurement (the library's own function, wrapped)."""
+    calls, real = [], quality_lib.measure
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("draws"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quality_lib, "measure", counted)
+    return calls
+
+
+def test_a_fully_resumed_job_reuses_its_quality_figures_until_something_that_shapes_them_changes(tmp_path, measured):
+    job = ["model=tiny", "filters=0:4", "batch_size=2", "steps=2", "quality.draws=2"]
+    cli.run(composed(*job), tmp_path)
+    before = product(tmp_path)
+    assert measured == [2] and "quality" in json.loads((tmp_path / "results.json").read_text())
+    cli.run(composed(*job), tmp_path)
+    assert measured == [2] and product(tmp_path) == before          # reused, same bytes
+    cli.run(composed(*job[:-1], "quality.draws=3"), tmp_path)
+    assert measured == [2, 3]                                         # a quality setting changed
+    cli.run(composed(*job[:-1], "quality.draws=3"), tmp_path)
+    assert measured == [2, 3]
+    cli.run(composed(*job[:-2], "steps=3", "quality.draws=3"), tmp_path)
+    assert measured == [2, 3, 3]                                      # the images changed
