@@ -67,6 +67,12 @@ def _ended(job, record):
     return "killed" if status == "running" and not runfolder.holder_alive(job, record) else status
 
 
+def _killed_note(ended):
+    if ended and ended[-1] == "killed":
+        return "its process was killed (SIGKILL: out of memory, a time limit, a lost node) without recording why"
+    return None
+
+
 def _lost_seconds(job, attempts, ended):
     """Seconds run by the attempts that did not finish (failed, killed, interrupted, refused)."""
     lost = [runfolder.attempt_seconds(job, a) for a, how in zip(attempts, ended) if how not in ("done", "running")]
@@ -149,7 +155,7 @@ def job_row(job, folder):
             "lost_s": _lost_seconds(job, attempts, ended),
             "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
             "quality": _numeric((results or {}).get("quality"), "quality"),
-            "error": "; ".join(problems) or (error or {}).get("message", last.get("error")),
+            "error": "; ".join(problems) or (error or {}).get("message", last.get("error")) or _killed_note(ended),
             "image": image, "link": link}
 
 
