@@ -87,6 +87,7 @@ def event(name, tmp=None, data=b""):
     if (len(state["events"]) == state["kill_at"]
             or sum(e.split(" ")[0] == kind for e in state["events"]) == nth and name.split(" ")[0] == kind):
         if tmp is not None and state["how"] == "partial":
+            tmp.parent.mkdir(parents=True, exist_ok=True)
             tmp.write_bytes(data[: max(1, len(data) // 2)])
         os.kill(os.getpid(), signal.SIGKILL)
 
