@@ -1,6 +1,6 @@
 """Kill a job by SIGKILL at 20 random moments and resume each: are the files those of an uninterrupted run?
 
-    python experiments/kill_loop.py               # ~4 min on 2 CPU cores; writes results/kill_loop.md
+    python experiments/kill_loop.py               # ~5 min on 2 CPU cores; writes results/kill_loop.md
     python experiments/kill_loop.py --kills 50 --seed 1
 
 One uninterrupted run of a small job (the tiny model, 8 filters in 3 chunks, quality report on) records

@@ -66,6 +66,8 @@ def test_an_attempt_left_running_by_a_dead_process_is_marked_killed_with_its_sec
     (tmp_path / "chunks").mkdir()
     (tmp_path / "chunks" / "chunk_00000.npz").write_bytes(b"x")
     (tmp_path / "chunks" / ".chunk_00001.npz.77.tmp").write_bytes(b"partial")      # killed mid-write
+    (tmp_path / ".results.json.77.tmp").write_bytes(b"{")                          # (a file that stays)
+    os.utime(tmp_path / ".results.json.77.tmp", (started + 1, started + 1))
     os.utime(tmp_path / "run.json", (started, started))
     os.utime(tmp_path / "chunks" / "chunk_00000.npz", (started + 5, started + 5))
     os.utime(tmp_path / "chunks" / ".chunk_00001.npz.77.tmp", (started + 12, started + 12))  # its last write
