@@ -34,6 +34,7 @@ def dead_pid():
     return proc.pid
 
 
+@pytest.mark.slow
 def test_second_process_on_a_folder_is_refused_naming_the_holder_and_a_killed_holder_is_marked(tmp_path):
     """Two real processes: the second is refused in one line naming host and pid; the first, killed,
     is marked "killed" by the next job to open the folder."""
