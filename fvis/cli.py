@@ -286,7 +286,8 @@ def main(cfg):
 def run_command(cfg, out_dir, *, in_sweep=False):
     """Runs one job of the command and reports it on the terminal.
 
-    A bad input prints one line and exits with status 2; Ctrl-C prints one line and
+    A bad input prints one line and exits with status 2, leaving no run folder (a folder
+    another live job holds is refused the same way, untouched); Ctrl-C prints one line and
     exits with status 130 (run.json says "interrupted"; the finished chunks are kept,
     and the same command resumes). In a multirun, a job that fails is recorded in its
     folder (error.json) and the sweep goes on; the sweep callback (`fvis.sweep`)

@@ -304,6 +304,7 @@ def attempt(folder, *, keep_refused=False):
     new = not folder.exists()
     with runfolder.locked(folder):
         attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
+        attempts = attempts if isinstance(attempts, list) else []  # a malformed record is not kept
         if runfolder.mark_killed(folder, attempts):
             _write_attempts(folder, attempts)
         runfolder.remove_temporaries(folder)
