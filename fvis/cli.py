@@ -8,11 +8,13 @@ The library never imports Hydra; this module composes the config, instantiates
 the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
 """
 
+import contextlib
 import hashlib
 import inspect
 import logging
 import platform
 import re
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -30,6 +32,7 @@ import fvis
 from fvis import devices, images, optim, outputs, params, runs
 from fvis.errors import FvisError, InvalidValueError
 from fvis.models import check_image_size
+from fvis.runfolder import FolderBusyError
 from fvis.settings import Display, Quality, Settings
 
 _MAX_DIR = 120
@@ -168,17 +171,18 @@ def _build_error(exc, node, kwargs):
             f"Check the values given to {key}.")
 
 
-def run(cfg, out_dir):
+def run(cfg, out_dir, *, keep_refused=False):
     """Runs the job a composed config describes and writes its outputs to `out_dir`.
 
     One layer (`layer`) or, when `layers` is set, a whole-model job with one folder
     per layer and an atlas (`fvis.run_job`). The attempt is recorded in run.json, a
-    failure in error.json (see `fvis.outputs.attempt`).
+    failure in error.json (see `fvis.outputs.attempt`). A job refused before compute (bad
+    input) leaves the folder as it found it, unless `keep_refused` (a sweep's job).
 
     Returns:
         (the dict written to results.json, this attempt's record in run.json).
     """
-    with outputs.attempt(out_dir) as record:
+    with outputs.attempt(out_dir, keep_refused=keep_refused) as record:
         record["versions"] = _versions()
         start = time.perf_counter()
         settings, display, quality = checked_settings(cfg)
@@ -251,6 +255,19 @@ def _user_message(exc):
     return None
 
 
+def _remove_refused_folder(out_dir):
+    """Removes a single run's folder that holds no run (its job was refused before compute, and
+    `fvis.outputs.attempt` took its own files back): Hydra's `.hydra/` and log, then the folder if empty."""
+    folder = Path(out_dir)
+    if any((folder / name).exists() for name in ("run.json", "results.json", "chunks", "images.npz")):
+        return
+    shutil.rmtree(folder / ".hydra", ignore_errors=True)
+    if HydraConfig.initialized():
+        (folder / f"{HydraConfig.get().job.name}.log").unlink(missing_ok=True)
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 class RunFolderCheck(Callback):
     """Checks that the run's (or sweep's) folder can be created before Hydra makes it, so an
     unwritable `hydra.run.dir` is one line (exit 2) rather than Hydra's traceback."""
@@ -281,20 +298,23 @@ def main(cfg):
 def run_command(cfg, out_dir, *, in_sweep=False):
     """Runs one job of the command and reports it on the terminal.
 
-    A bad input prints one line and exits with status 2; Ctrl-C prints one line and
+    A bad input prints one line and exits with status 2, leaving no run folder (a folder
+    another live job holds is refused the same way, untouched); Ctrl-C prints one line and
     exits with status 130 (run.json says "interrupted"; the finished chunks are kept,
     and the same command resumes). In a multirun, a job that fails is recorded in its
     folder (error.json) and the sweep goes on; the sweep callback (`fvis.sweep`)
     reports failed jobs at the end.
     """
     try:
-        summary, record = run(cfg, out_dir)
+        summary, record = run(cfg, out_dir, keep_refused=in_sweep)
     except KeyboardInterrupt:
         print(f"fvis: interrupted; finished chunks are saved in {out_dir}, run the same command again to resume",
               file=sys.stderr)
         sys.exit(130)
     except Exception as e:
         message = _user_message(e)
+        if not in_sweep and not isinstance(e, FolderBusyError):
+            _remove_refused_folder(out_dir)
         if message is None and not in_sweep:
             raise  # a bug, not a bad input: keep the traceback
         where = f" (job {out_dir}, details in its error.json)" if in_sweep else ""

@@ -5,11 +5,15 @@ Layout of a run folder:
     filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
     filters/filter_0007_alpha.png  with display.transparency: the tile with MaCo's transparency as alpha
     snapshots.png, .gif    with snapshots: one row per image, one column per snapshot; the grid animated
-    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
+    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values,
+                           gradient norms, transparency maps, snapshots, and each unit's chunk (a
+                           finished job's chunks)
     results.json           resolved config, per-filter curves and final values
-    chunks/chunk_00000.npz finished chunks, so a killed job resumes where it stopped
+    chunks/chunk_00000.npz finished chunks while the job runs, so a killed job resumes where it
+                           stopped (deleted once images.npz holds them: the data is kept once)
     run.json               each attempt at the job: status, times, timings, host, versions
     error.json             why the last attempt failed (removed when one succeeds)
+    .fvis.lock             held by the job writing the folder (see `fvis.runfolder`)
 
 Every file but run.json depends only on the config (and the platform): running a
 job again, or resuming it after a kill, rewrites them byte for byte, except the
@@ -24,13 +28,15 @@ import io
 import json
 import os
 import platform
+import shutil
+import time
 import traceback
 import zipfile
 from pathlib import Path
 
 import numpy as np
 
-from fvis import images as images_lib
+from fvis import images as images_lib, runfolder
 from fvis.errors import InvalidValueError
 from fvis.render import Rendered
 
@@ -77,34 +83,62 @@ def fingerprint(config):
 
 
 class ChunkStore:
-    """Finished chunks as `chunks/chunk_NNNNN.npz` files in a run folder.
+    """Finished chunks of a run folder: `chunks/chunk_NNNNN.npz` while the job runs, and
+    `images.npz` once it is done (its chunks are then deleted: the data is kept once).
 
-    A chunk file is reused only if it reads back completely (zip CRCs checked),
-    holds the expected units, and carries this job's config fingerprint; anything
-    else (a partial file left by a kill, another config) is recomputed.
+    A chunk is reused only if its file reads back completely (zip CRCs checked), holds
+    the expected units, and carries this job's config fingerprint; anything else (a
+    partial file left by a kill, another config) is recomputed. A finished run's
+    images.npz serves the chunks it holds under the same rules.
     """
 
     def __init__(self, folder, config_fingerprint):
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
         self.reused, self.rejected, self.saved = [], [], []
+        self._finished = None  # images.npz's arrays, read once: {} when absent, None-valued when untrusted
 
     def _path(self, index):
         return self.folder / f"chunk_{index:05d}.npz"
 
     def load(self, index, units):
+        """The chunk's `Rendered` from its file or the finished images.npz, or None (then computed)."""
+        rendered, seen = self._from_chunk_file(index, units)
+        if rendered is None:
+            rendered, seen_finished = self._from_finished(index, units)
+            seen = seen or seen_finished
+        if rendered is not None:
+            self.reused.append(index)
+        elif seen:
+            self.rejected.append(index)
+        return rendered
+
+    def _from_chunk_file(self, index, units):
+        """(Rendered or None, whether a file was there)."""
         path = self._path(index)
         if not path.exists():
-            return None
-        try:
-            with np.load(path, allow_pickle=False) as data:
-                arrays = {k: data[k] for k in data.files}  # reading checks every CRC
-            ok = (str(arrays.pop("fingerprint")) == self.fingerprint
-                  and np.array_equal(arrays.pop("units"), units))
-            rendered = Rendered(**arrays) if ok else None
-        except Exception:  # truncated, corrupt or foreign file: never trusted
-            rendered = None
-        (self.reused if rendered is not None else self.rejected).append(index)
-        return rendered
+            return None, False
+        arrays = _read_npz(path)
+        ok = (arrays is not None and str(arrays.pop("fingerprint", "")) == self.fingerprint
+              and np.array_equal(arrays.pop("units", None), units) and set(arrays) == set(Rendered._fields))
+        return (Rendered(**arrays) if ok else None), True
+
+    def _from_finished(self, index, units):
+        """(Rendered or None, whether images.npz was there) for chunk `index` of a finished run."""
+        if self._finished is None:
+            path = self.folder.parent / "images.npz"
+            arrays = _read_npz(path) if path.exists() else {}
+            fields = {"fingerprint", "chunk", "units", *Rendered._fields}
+            trusted = arrays == {} or (arrays is not None and fields <= set(arrays)
+                                       and str(arrays["fingerprint"]) == self.fingerprint)
+            self._finished = arrays if trusted else {"untrusted": True}
+        if not self._finished:
+            return None, False
+        if "untrusted" in self._finished:
+            return None, True
+        rows = self._finished["chunk"] == index
+        if not np.array_equal(self._finished["units"][rows], units):
+            return None, True
+        return Rendered(*(self._finished[name][rows] for name in Rendered._fields)), False
 
     def save(self, index, units, rendered):
         atomic_write_bytes(self._path(index), npz_bytes(
@@ -120,12 +154,18 @@ class ChunkStore:
         for tmp in self.folder.glob(".*.tmp"):
             tmp.unlink(missing_ok=True)
 
-    def remove_beyond(self, count):
-        """Deletes chunk files with an index >= count: left by an earlier job with more chunks."""
-        for path in self.folder.glob("chunk_*.npz"):
-            index = path.stem.removeprefix("chunk_")
-            if index.isdigit() and int(index) >= count:
-                path.unlink()
+    def clear(self):
+        """Deletes the chunks folder: call it once images.npz holds every chunk."""
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _read_npz(path):
+    """Every array of an .npz file (reading checks each CRC), or None if it is truncated, corrupt or foreign."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            return {k: data[k] for k in data.files}
+    except Exception:  # truncated, corrupt or foreign file: never trusted
+        return None
 
 
 def tiles(result, *, crop=25, mode="seed"):
@@ -193,7 +233,7 @@ def _write_extras(folder, result, all_tiles, records, names, *, crop, mode, marg
                           "animation": "snapshots.gif"}}
 
 
-def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, transparency=False):
+def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, transparency=False, chunks=None):
     """Writes grid, per-filter PNGs, raw images and results.json for a finished job.
 
     Args:
@@ -203,6 +243,8 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, t
         meta: extra JSON-able facts (model, layer, units, this attempt's timings).
         crop, mode, margin: display settings (see `fvis.images`).
         transparency: also write each tile with MaCo's transparency as its alpha channel.
+        chunks: None, or (config fingerprint, (N,) chunk index of each unit): images.npz then
+            also serves as the job's finished chunks (see `ChunkStore`).
 
     Returns:
         The dict written to results.json.
@@ -225,11 +267,11 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, t
             })
     extras = _write_extras(folder, result, all_tiles, records, names, crop=crop, mode=mode, margin=margin,
                            transparency=transparency)
-    more = {"transparency": result.transparency} if transparency else {}
-    if extras:
-        more.update(snapshots=result.snapshots, snapshot_steps=result.snapshot_steps)
-    atomic_write_bytes(folder / "images.npz", npz_bytes(
-        units=result.units, images=result.images, curves=result.curves, final=result.final, **more))
+    resume = {} if chunks is None else {"fingerprint": np.array(chunks[0]), "chunk": np.asarray(chunks[1], np.int32)}
+    atomic_write_bytes(folder / "images.npz", npz_bytes(  # every Rendered field: it is the finished chunks too
+        units=result.units, images=result.images, curves=result.curves, final=result.final,
+        grad_norms=result.grad_norms, transparency=result.transparency, snapshots=result.snapshots,
+        snapshot_steps=result.snapshot_steps, **resume))
     summary = {"config": config, **meta, **extras, "filters": records}
     atomic_write_json(folder / "results.json", summary)
     _remove_stale(folder, names)
@@ -251,9 +293,10 @@ _NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that c
 def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):
     """Runs a prepared `fvis.visualize.Job` resumably in `folder` and writes its outputs.
 
-    Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there
-    from the same computation (the config less its display and cache settings, `meta` and
-    the resolved batch size) are reused, anything else is recomputed.
+    Each finished chunk is saved to `folder/chunks` as soon as it ends; chunks there, or in a
+    finished run's images.npz, from the same computation (the config less its display and
+    cache settings, `meta` and the resolved batch size) are reused, anything else is
+    recomputed. Once images.npz is written with every chunk, `chunks/` is deleted.
 
     Args:
         job: from `fvis.prepare`.
@@ -262,8 +305,9 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
         meta: JSON-able facts that identify the job (model, objective, layer, ...).
         display: dict of `write_run`'s crop, mode, margin (and transparency), checked before the job runs.
         progress: passed to `job.run`.
-        finish: None, or a function (job, result, folder, summary) -> summary run after the
-            files are written that may add to them (the cli's quality report).
+        finish: None, or a function (job, result, folder, summary, previous) -> summary run after
+            the files are written that may add to them (the cli's quality report); `previous` is
+            the folder's results.json as it was before this attempt (or None), to reuse figures.
 
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
@@ -272,15 +316,16 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     key = {"config": {k: v for k, v in config.items() if k not in _NOT_RESULTS}, "meta": meta,
            "batch_size": job.batch_size}
     store = ChunkStore(folder, fingerprint(key))
+    previous = read_json(Path(folder) / "results.json")
     result = job.run(store=store, progress=progress)
     meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
-    summary = write_run(folder, result, config=config, meta=meta, **display)
+    chunk_of_unit = np.concatenate([np.full(len(units), index) for index, units in job.chunks()])
+    summary = write_run(folder, result, config=config, meta=meta, **display, chunks=(store.fingerprint, chunk_of_unit))
     if finish is not None:
-        summary = finish(job, result, folder, summary)
-    store.remove_temporaries()
-    store.remove_beyond(len(job.chunks()))
+        summary = finish(job, result, folder, summary, previous)
+    store.clear()  # images.npz holds them now
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
              "chunks": {"total": len(job.chunks()), **store.stats()}}
     return summary, facts
@@ -294,34 +339,73 @@ def _write_attempts(folder, attempts):
     atomic_write_json(Path(folder) / "run.json", {"status": attempts[-1]["status"], "attempts": attempts})
 
 
-@contextlib.contextmanager
-def attempt(folder):
-    """Records one attempt at a job in `folder/run.json`, and a failure in `error.json`.
+def compute_starts(record):
+    """Notes in an attempt's record that compute begins: an error before this point is a refusal."""
+    record["compute_started"] = _now()
 
-    run.json says "running" from the start, then "done", "failed" or "interrupted"
-    (Ctrl-C); a job killed outright stays "running" (the summary shows it as
-    incomplete). Earlier attempts (a resumed job's) are kept in order.
+
+@contextlib.contextmanager
+def attempt(folder, *, keep_refused=False):
+    """Holds `folder` (see `fvis.runfolder`) and records one attempt at a job in run.json.
+
+    Opening the folder takes its lock (another live job there: `FolderBusyError`, and
+    nothing is touched), marks attempts a dead process left "running" as "killed", and
+    deletes temporary files killed writers left. run.json then says "running", and at
+    the end "done", "failed" (and error.json says why), "interrupted" (Ctrl-C) or
+    "refused": an error before `compute_starts(record)` (bad input, checked before any
+    compute). A refusal leaves the folder as it found it (a new folder is removed)
+    unless `keep_refused` (a sweep's job, listed by the summary with its message).
+    Each finished attempt records its "seconds"; earlier attempts are kept in order.
 
     Yields:
         The attempt's dict; fill it with JSON-able facts (timings, chunk counts).
     """
     folder = Path(folder)
-    attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
-    record = {"status": "running", "started": _now(), "host": platform.node(), "pid": os.getpid()}
-    attempts.append(record)
-    _write_attempts(folder, attempts)
-    try:
-        yield record
-    except BaseException as e:
-        failed = isinstance(e, Exception)
-        record.update(status="failed" if failed else "interrupted", finished=_now(),
-                      error=f"{type(e).__name__}: {e}")
-        if failed:
-            atomic_write_json(folder / "error.json", {
-                "type": type(e).__name__, "message": str(e), "time": record["finished"],
-                "traceback": traceback.format_exc()})
+    new = not folder.exists()
+    with runfolder.locked(folder):
+        attempts = (read_json(folder / "run.json") or {}).get("attempts", [])
+        attempts = attempts if isinstance(attempts, list) else []  # a malformed record is not kept
+        if runfolder.mark_killed(folder, attempts):
+            _write_attempts(folder, attempts)
+        runfolder.remove_temporaries(folder)
+        before = {name: (folder / name).read_bytes() if (folder / name).exists() else None
+                  for name in ("run.json", "error.json")}
+        start = time.perf_counter()
+        record = {"status": "running", "started": _now(), "host": platform.node(), "pid": os.getpid()}
+        attempts.append(record)
         _write_attempts(folder, attempts)
-        raise
-    record.update(status="done", finished=_now())
-    (folder / "error.json").unlink(missing_ok=True)
-    _write_attempts(folder, attempts)
+        try:
+            yield record
+        except BaseException as e:
+            failed = isinstance(e, Exception)
+            refused = failed and "compute_started" not in record
+            if refused and not keep_refused:
+                _restore(folder, before, remove_folder=new)
+                raise
+            record.update(status="refused" if refused else "failed" if failed else "interrupted",
+                          finished=_now(), seconds=round(time.perf_counter() - start, 3),
+                          error=f"{type(e).__name__}: {e}")
+            if failed:
+                atomic_write_json(folder / "error.json", {
+                    "type": type(e).__name__, "message": str(e), "time": record["finished"],
+                    "traceback": traceback.format_exc()})
+            _write_attempts(folder, attempts)
+            raise
+        record.update(status="done", finished=_now(), seconds=round(time.perf_counter() - start, 3))
+        (folder / "error.json").unlink(missing_ok=True)
+        _write_attempts(folder, attempts)
+
+
+def _restore(folder, before, *, remove_folder):
+    """Puts run.json and error.json back as they were; a folder that held no run loses its lock
+    file, and is removed when this attempt created it and it is empty."""
+    for name, data in before.items():
+        if data is None:
+            (folder / name).unlink(missing_ok=True)
+        else:
+            atomic_write_bytes(folder / name, data)
+    if before["run.json"] is None:
+        (folder / runfolder.LOCK_NAME).unlink(missing_ok=True)
+        if remove_folder:
+            with contextlib.suppress(OSError):
+                folder.rmdir()

@@ -12,13 +12,16 @@ the same job in the same folder again resumes it.
 """
 
 import dataclasses
+import hashlib
 import time
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
+import numpy as np
 from tqdm.auto import tqdm
 
-from fvis import atlas, objectives as objectives_lib, outputs, quality as quality_lib, report
+from fvis import atlas, images as images_lib, objectives as objectives_lib, outputs, quality as quality_lib, report
 from fvis.errors import InvalidTypeError
 from fvis.models import as_vis_model
 from fvis.settings import Display, Quality, Settings
@@ -85,6 +88,9 @@ def run_job(model, objective, units, folder, *, layers=None, param=None, transfo
     if config is None:
         config = _describe(objective, units, layers, param, transform, optimizer, settings, display, quality)
     shown = dataclasses.asdict(display)
+    for _, job in jobs:
+        images_lib.check_display(job.image_shape[:2], **shown)
+    outputs.compute_starts(attempt)  # an error before this line is a refusal (see fvis.outputs.attempt)
     if layers is None:
         job = jobs[0][1]
         summary, facts = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job), display=shown,
@@ -118,21 +124,54 @@ def quality_step(quality, model, *, seed=0):
     """The quality report as a `fvis.outputs.run_and_write` finish step, or None when disabled.
 
     The photos of `quality.natural_images` are loaded here, before any compute, so a bad
-    folder fails at start-up.
+    folder fails at start-up. The figures are measured once: a run whose results.json
+    already holds figures for the same quality settings, photos, model weights, objective
+    and images (the `quality_key` recorded beside them) reuses them.
     """
     if not quality.enabled:
         return None
     folder = quality.natural_images
     natural = quality_lib.load_photos(folder, model.image_size, channels=model.channels) if folder else None
 
-    def finish(job, result, folder, summary):
+    def finish(job, result, folder, summary, previous=None):
         start = time.perf_counter()
-        records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
-                                                   dead=result.dead, natural=natural, draws=quality.draws, seed=seed)
+        key = _quality_key(quality, natural, seed, job, result)
+        figures = _previous_figures(previous, key, len(summary["filters"]))
+        if figures is None:
+            figures = quality_lib.measure(job.forward, job.objective, result.units, result.images, dead=result.dead,
+                                          natural=natural, draws=quality.draws, seed=seed)
         summary["timings"]["quality_s"] = time.perf_counter() - start
-        return report.write(folder, summary, records, run_summary, natural=natural)
+        summary["quality_key"] = key
+        return report.write(folder, summary, *figures, natural=natural)
 
     return finish
+
+
+def _digest(*arrays):
+    hasher = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        hasher.update(f"{array.dtype}{array.shape}".encode())
+        hasher.update(array.tobytes())
+    return hasher.hexdigest()[:16]
+
+
+def _quality_key(quality, natural, seed, job, result):
+    """A hash of everything that shapes the quality figures: settings, photos, weights, objective, images."""
+    photos = None if natural is None else [list(natural[0]), _digest(np.asarray(natural[1]))]
+    return outputs.fingerprint({
+        "quality": dataclasses.asdict(quality), "photos": photos, "seed": seed, "objective": job.objective.name,
+        "weights": _digest(*jax.tree.leaves(job.forward.weights())), "images": _digest(result.units, result.images)})
+
+
+def _previous_figures(previous, key, count):
+    """(records, run summary) from an earlier results.json measured under `key`, else None."""
+    try:
+        if previous["quality_key"] == key and len(previous["filters"]) == count:
+            return [f["quality"] for f in previous["filters"]], previous["quality"]
+    except (KeyError, TypeError):
+        pass
+    return None
 
 
 def _describe(objective, units, layers, param, transform, optimizer, settings, display, quality):

@@ -3,12 +3,15 @@
     python -m fvis.summary multirun/lr=5,10     # or: fvis-summary outputs/
 
 A job is a folder holding run.json, results.json, error.json or Hydra's
-.hydra/overrides.yaml; finished, failed and incomplete (killed) jobs are all
-listed, and a job whose records are malformed as "unreadable". Columns: the
-job's command-line overrides, its status, filter counts and mean final objective,
-the timings of its last attempt, every numeric entry of results.json's "quality",
-and (HTML only) a thumbnail of its grid. The page is self-contained: open it from
-disk and click a column header to sort.
+.hydra/overrides.yaml; every job is listed with its status: done, failed, refused
+(bad input, stopped before compute), killed (its process died: run.json still says
+"running" but the process is gone, see `fvis.runfolder`), running, interrupted,
+incomplete (chunks but no record), or "unreadable" when its records are malformed.
+Columns: the job's command-line overrides, its status, filter counts and mean final
+objective, the timings of its last attempt, its attempts and how each ended
+("killed, done"), the seconds lost to attempts that did not finish, every numeric
+entry of results.json's "quality", and (HTML only) a thumbnail of its grid. The
+page is self-contained: open it from disk and click a column header to sort.
 """
 
 import argparse
@@ -23,6 +26,7 @@ from pathlib import Path
 
 import yaml
 
+from fvis import runfolder
 from fvis.outputs import atomic_write_bytes, read_json
 
 _MARKERS = ("run.json", "results.json", "error.json", ".hydra/overrides.yaml")
@@ -50,11 +54,29 @@ def _overrides(job):
     return {key: re.sub(r"\\(.)", r"\1", value) for key, value in pairs}  # Hydra escapes : , = in sweeps
 
 
-def _status(run, results, error, problems=()):
+def _status(run, results, error, problems=(), ended=()):
     if problems:
         return "unreadable"
     status = (run or {}).get("status") or ("done" if results else "failed" if error else "incomplete")
-    return "incomplete" if status == "running" else status
+    return ended[-1] if status == "running" and ended else status
+
+
+def _ended(job, record):
+    """How an attempt ended: its status, but "killed" for a "running" one whose process is gone."""
+    status = record.get("status")
+    return "killed" if status == "running" and not runfolder.holder_alive(job, record) else status
+
+
+def _killed_note(ended):
+    if ended and ended[-1] == "killed":
+        return "its process was killed (SIGKILL: out of memory, a time limit, a lost node) without recording why"
+    return None
+
+
+def _lost_seconds(job, attempts, ended):
+    """Seconds run by the attempts that did not finish (failed, killed, interrupted, refused)."""
+    lost = [runfolder.attempt_seconds(job, a) for a, how in zip(attempts, ended) if how not in ("done", "running")]
+    return round(sum(s for s in lost if s is not None), 1) if lost else 0.0
 
 
 def _records(job):
@@ -120,17 +142,20 @@ def job_row(job, folder):
     object fvis writes) gets the status "unreadable", and the error column says which.
     """
     (run, results, error), problems = _records(job)
-    last = ((run or {}).get("attempts") or [{}])[-1]
+    attempts = (run or {}).get("attempts") or []
+    ended = [_ended(job, a) for a in attempts]
+    last = (attempts or [{}])[-1]
     filters, dead, mean_final = _counts(results)
     image = next((p for p in ("grid.png", "atlas.png") if (job / p).exists()), None)
     link = "index.html" if (job / "index.html").exists() else image
-    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error, problems),
+    return {"job": job.relative_to(folder).as_posix() or ".", "status": _status(run, results, error, problems, ended),
             "overrides": _overrides(job), "n_filters": filters, "n_dead": dead, "final_mean": mean_final,
             **{t: (last.get("timings") or {}).get(t) for t in _TIMINGS},
-            "attempts": len((run or {}).get("attempts", [])),
+            "attempts": len(attempts), "ended": ", ".join(map(str, ended)),
+            "lost_s": _lost_seconds(job, attempts, ended),
             "chunks_done": len(list(job.glob("**/chunks/chunk_*.npz"))),
             "quality": _numeric((results or {}).get("quality"), "quality"),
-            "error": "; ".join(problems) or (error or {}).get("message", last.get("error")),
+            "error": "; ".join(problems) or (error or {}).get("message", last.get("error")) or _killed_note(ended),
             "image": image, "link": link}
 
 
@@ -138,7 +163,7 @@ def _columns(rows):
     overrides = sorted({k for r in rows for k in r["overrides"]})
     quality = sorted({k for r in rows for k in r["quality"]})
     columns = ["job", "status", *overrides, "n_filters", "n_dead", "final_mean", *_TIMINGS, "attempts",
-               "chunks_done", *quality, "error"]
+               "ended", "lost_s", "chunks_done", *quality, "error"]
     return columns, set(overrides), set(quality)
 
 
@@ -189,7 +214,8 @@ _STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse
           "th,td{border:1px solid #ccc;padding:3px 6px;font-size:13px;vertical-align:top}"
           "th{background:#eee;cursor:pointer;position:sticky;top:0}td.n{text-align:right}"
           "img{max-width:160px;max-height:160px;image-rendering:pixelated}"
-          "tr.failed,tr.unreadable{background:#fdd}tr.incomplete,tr.interrupted{background:#ffe8c0}")
+          "tr.failed,tr.unreadable,tr.killed{background:#fdd}tr.refused{background:#eee}"
+          "tr.incomplete,tr.interrupted,tr.running{background:#ffe8c0}")
 
 
 def _shared(rows, overrides):
@@ -227,10 +253,13 @@ def to_html(rows, title, base=""):
         body.append(f'<tr class="{html.escape(row["status"])}"><td data-v="">{thumb}</td>{cells}</tr>')
     counts = {s: sum(r["status"] == s for r in rows) for s in dict.fromkeys(r["status"] for r in rows)}
     status = ", ".join(f"{n} {s}" for s, n in counts.items())
+    unfinished = sum(how not in ("done", "running", "") for r in rows for how in r["ended"].split(", ") if how)
+    lost = (f" {unfinished} attempt{'' if unfinished == 1 else 's'} did not finish, "
+            f"{sum(r['lost_s'] for r in rows):.1f} s of compute lost." if unfinished else "")
     common = " ".join(f"{k}={v}" for k, v in shared.items())
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head><body><h1>{html.escape(title)}</h1>"
-            f"<p>{len(rows)} job{'' if len(rows) == 1 else 's'}: {html.escape(status)}."
+            f"<p>{len(rows)} job{'' if len(rows) == 1 else 's'}: {html.escape(status)}.{lost}"
             + (f" Every job: <code>{html.escape(common)}</code>." if common else "") +
             " Click a column header to sort.</p>"
             f"<table><thead><tr>{head}</tr></thead><tbody>\n" + "\n".join(body) +

@@ -191,7 +191,7 @@ def test_bad_config_values_print_one_line_before_compute(args, message, tmp_path
     errors = capsys.readouterr().err.strip().splitlines()
     assert exit_info.value.code == 2 and len(errors) == 1 and errors[0].startswith("fvis: error:")
     assert message in errors[0], errors
-    assert len(step_traces) == before and not (tmp_path / "run" / "chunks").exists()
+    assert len(step_traces) == before and not (tmp_path / "run").exists()  # refused: no run folder left
 
 
 @pytest.mark.parametrize("display, message", [

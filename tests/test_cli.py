@@ -100,6 +100,7 @@ def test_cli_bad_input_prints_one_line_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "Filter index 99 is out of range" in proc.stderr and "0..15" in proc.stderr
+    assert not (tmp_path / "bad").exists()  # a refused run leaves no folder, not even Hydra's files
 
 
 def test_multirun_writes_one_folder_per_job(tmp_path):

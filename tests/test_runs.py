@@ -17,11 +17,14 @@ def composed(*overrides):
 
 def files(folder):
     """{relative path: bytes} of every file a run wrote, less the attempt record, the timings and the
-    chunks (they carry the fingerprint of the config that made them)."""
+    fingerprint of the config that made the chunks (in images.npz, each array's bytes instead)."""
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != "run.json" and path.parent.name != "chunks":
             data = json.loads(path.read_text()) if path.name == "results.json" else path.read_bytes()
+            if path.name == "images.npz":
+                with np.load(path) as arrays:
+                    data = {k: arrays[k].tobytes() for k in arrays.files if k != "fingerprint"}
             if isinstance(data, dict):
                 data.pop("config", None)
                 for part in [data, *data.get("layers", [])]:

@@ -107,7 +107,7 @@ def test_summary_lists_done_failed_and_killed_jobs_with_their_figures(tmp_path):
     rows = summary.write_summary(tmp_path)
     table = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert [(r["job"], r["status"], r["lr"], r["filters"]) for r in table] == [
-        ("lr=1", "done", "1", "0:2"), ("lr=5", "failed", "5", "0:2"), ("lr=9", "incomplete", "9", "0:2")]
+        ("lr=1", "done", "1", "0:2"), ("lr=5", "failed", "5", "0:2"), ("lr=9", "killed", "9", "0:2")]
     assert table[0]["n_filters"] == "2" and table[0]["n_dead"] == "1" and table[0]["final_mean"] == "2"
     assert table[0]["optimize_s"] == "3.5" and table[0]["quality.diversity"] == "0.25"
     assert table[0]["quality.fid.inception"] == "12.5" and "quality.note" not in table[0]
@@ -138,7 +138,7 @@ def test_multirun_lists_every_job_keeps_going_past_a_failure_and_resumes(tmp_pat
     (folder,) = (tmp_path / "multirun").iterdir()
     assert folder.name == "filters=0_3,layer=conv1,conv9,relu2,model=tiny,quality.enabled=false,steps=2"
     table = list(csv.DictReader((folder / "summary.csv").open()))
-    assert [(r["layer"], r["status"]) for r in table] == [("conv1", "done"), ("conv9", "failed"), ("relu2", "done")]
+    assert [(r["layer"], r["status"]) for r in table] == [("conv1", "done"), ("conv9", "refused"), ("relu2", "done")]
     failed = folder / table[1]["job"]
     assert "conv9" in json.loads((failed / "error.json").read_text())["message"]
     done = [folder / r["job"] for r in table if r["status"] == "done"]
@@ -182,3 +182,47 @@ def test_progress_bar_shows_filters_and_steps_per_second_and_is_quiet_off_a_term
     assert "6/6" in shown and "steps/s" in shown and "filter/s" in shown
     job.run(progress="auto")  # pytest's captured stderr is not a terminal
     assert capsys.readouterr().err == ""
+
+
+def _kill_every_attempt(folder_glob, stop, killed):
+    """SIGKILLs each running attempt (by the pid its run.json records) in folders matching `folder_glob`,
+    as the OOM killer would a job too big for the machine, until `stop` is set."""
+    import glob
+    import os
+    import signal
+    import time
+
+    while not stop.is_set():
+        for run in glob.glob(folder_glob + "/run.json"):
+            try:
+                last = json.loads(open(run).read())["attempts"][-1]
+            except (OSError, ValueError, KeyError, IndexError):
+                continue
+            if last.get("status") == "running" and last["pid"] not in killed:
+                killed.append(last["pid"])
+                os.kill(last["pid"], signal.SIGKILL)
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_a_killed_joblib_worker_leaves_its_job_killed_and_the_others_done(tmp_path):
+    """A worker killed by SIGKILL (every time its job runs) does not abort the sweep: the summary lists that
+    job as killed (two attempts, both killed: in the pool, then alone) and the others as done."""
+    import threading
+
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher")
+    stop, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_every_attempt, args=(f"{tmp_path}/s/*steps=100000*", stop, killed))
+    killer.start()
+    try:
+        proc = run_fvis("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", f"hydra.sweep.dir={tmp_path}/s",
+                        "model=tiny", "filters=0:2", "steps=2,3,100000", *NO_QUALITY, cwd=tmp_path)
+    finally:
+        stop.set()
+        killer.join()
+    assert proc.returncode == 1 and "killed again, alone: left as killed" in proc.stderr, proc.stderr
+    table = {r["steps"]: r for r in csv.DictReader((tmp_path / "s" / "summary.csv").open())}
+    assert {k: r["status"] for k, r in table.items()} == {"2": "done", "3": "done", "100000": "killed"}
+    assert table["100000"]["ended"] == "killed, killed" and len(killed) == 2
+    assert "was killed" in table["100000"]["error"]
+    assert all(r["ended"] in ("done", "killed, done") for k, r in table.items() if k != "100000")
