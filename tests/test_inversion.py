@@ -1,7 +1,6 @@
 """Beyond one image per channel: starting images, feature inversion, caricature, MaCo's
 transparency map and snapshots, checked by value on the tiny convnet (32x32)."""
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -12,7 +11,7 @@ import pytest
 from PIL import Image
 
 import fvis
-from fvis import objectives as O, params, transforms as T
+from fvis import models, objectives as O, params, transforms as T
 from fvis.errors import MissingFileError
 from tests.test_config_flow import assert_same, library, run_cli
 
@@ -80,13 +79,17 @@ def test_maco_start_is_the_photos_phase_on_macos_magnitude():
     assert corr(image) > 0.4 and abs(corr(noise)) < 0.1, (corr(image), corr(noise))
 
 
-def test_a_missing_start_image_is_named_before_the_model_loads(tmp_path):
-    """image=/missing.png stops the CLI with a MissingFileError naming the path, before the model is built."""
+def test_a_missing_start_image_is_named_before_the_model_loads(tmp_path, monkeypatch):
+    """image=/missing.png stops the CLI with a MissingFileError naming the path, before the model is built
+    (building it fails the test) and leaving no run folder (a refused run)."""
+    def built(**kwargs):
+        raise AssertionError("the model was built before the photo was checked")
+
+    monkeypatch.setattr(models, "tiny_convnet", built)
     missing = tmp_path / "no_such_photo.png"
     with pytest.raises(MissingFileError, match="no_such_photo.png"):
         run_cli(tmp_path / "run", f"image={missing}")
-    attempt = json.loads((tmp_path / "run" / "run.json").read_text())["attempts"][-1]
-    assert attempt["status"] == "failed" and "timings" not in attempt  # load_model_s comes once the model is built
+    assert not (tmp_path / "run").exists()
     (tmp_path / "bad.png").write_bytes(b"not a png")
     with pytest.raises(MissingFileError, match="bad.png"):
         params.start_from(params.fourier(), tmp_path / "bad.png")
