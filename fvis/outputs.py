@@ -84,6 +84,7 @@ class ChunkStore:
     def __init__(self, folder, config_fingerprint):
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
         self.reused, self.rejected, self.saved = [], [], []
+        self.batch_sizes = {}  # index -> the batch size a loaded chunk was computed at, where not the job's
 
     def _path(self, index):
         return self.folder / f"chunk_{index:05d}.npz"
@@ -97,15 +98,20 @@ class ChunkStore:
                 arrays = {k: data[k] for k in data.files}  # reading checks every CRC
             ok = (str(arrays.pop("fingerprint")) == self.fingerprint
                   and np.array_equal(arrays.pop("units"), units))
+            batch_size = arrays.pop("batch_size", None)
             rendered = Rendered(**arrays) if ok else None
+            if rendered is not None and batch_size is not None:
+                self.batch_sizes[index] = int(batch_size)
         except Exception:  # truncated, corrupt or foreign file: never trusted
             rendered = None
         (self.reused if rendered is not None else self.rejected).append(index)
         return rendered
 
-    def save(self, index, units, rendered):
+    def save(self, index, units, rendered, batch_size=None):
+        """Writes chunk `index`; `batch_size`, a smaller batch size it was computed at, is kept with it."""
+        sizes = {} if batch_size is None else {"batch_size": np.int64(batch_size)}
         atomic_write_bytes(self._path(index), npz_bytes(
-            fingerprint=np.array(self.fingerprint), units=units, **rendered._asdict()))
+            fingerprint=np.array(self.fingerprint), units=units, **sizes, **rendered._asdict()))
         self.saved.append(index)
 
     def stats(self):
@@ -215,13 +221,15 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
+    if any(size != job.batch_size for size in result.batch_sizes):  # chunks retried after running out of memory
+        meta["chunk_batch_sizes"] = [int(size) for size in result.batch_sizes]
     summary = write_run(folder, result, config=config, meta=meta, **display)
     if finish is not None:
         summary = finish(job, result, folder, summary)
     store.remove_temporaries()
     store.remove_beyond(len(job.chunks()))
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
-             "chunks": {"total": len(job.chunks()), **store.stats()}}
+             "chunks": {"total": len(job.chunks()), **store.stats()}, "memory": result.memory}
     return summary, facts
 
 
