@@ -15,11 +15,13 @@ import platform
 import re
 import sys
 import time
+from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
@@ -28,7 +30,7 @@ from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue
 
 import fvis
 from fvis import devices, optim, outputs, runs
-from fvis.errors import FvisError, InvalidValueError
+from fvis.errors import FvisError, InvalidValueError, did_you_mean
 from fvis.models import check_image_size
 from fvis.settings import Display, Quality, Settings
 
@@ -259,11 +261,52 @@ def _check_folder(key, folder):
         sys.exit(2)
 
 
+def main():
+    """The `fvis` command: checks the config-group choices on the command line, then runs Hydra
+    (see `run_command` for what a job prints and its exit status)."""
+    message = config_group_typo(sys.argv[1:])
+    if message:
+        print(f"fvis: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    _hydra_main()
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")
-def main(cfg):
-    """Hydra entry point (see `run_command` for what it prints and its exit status)."""
+def _hydra_main(cfg):
     hydra_cfg = HydraConfig.get()
     run_command(cfg, hydra_cfg.runtime.output_dir, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+
+
+CONFIG_GROUPS = ("model", "objective", "param", "transform", "optimizer", "experiment")
+
+
+def config_group_typo(args):
+    """The one-line "Unknown param 'fourierr'. Did you mean 'fourier'? ..." for the first choice of
+    an fvis config group on the command line (`param=fourierr`, or in a sweep `-m param=pixel,fourierr`)
+    that names no config file; None when every choice exists (or Hydra will report a malformed override)."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return None
+    for override in overrides:
+        group = override.key_or_group
+        if group not in CONFIG_GROUPS or override.is_delete():
+            continue
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        except HydraException:  # glob(...) and other sweeps Hydra resolves against the config
+            continue
+        choices = _group_options(group)
+        for value in values:
+            if isinstance(value, str) and value not in choices and value != "null":
+                return did_you_mean(value, choices, kind=group)
+    return None
+
+
+def _group_options(group):
+    """The config names of one fvis config group (the YAML files in fvis/conf/<group>)."""
+    return sorted(p.name[:-5] for p in resources.files("fvis.conf").joinpath(group).iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def run_command(cfg, out_dir, *, in_sweep=False):
