@@ -9,8 +9,10 @@ from fvis import cli
 
 
 def fvis_main(monkeypatch, capsys, *args):
-    """Runs the `fvis` command in this process; returns (exit status, stderr)."""
+    """Runs the `fvis` command in this process up to Hydra (which must not be reached); returns
+    (exit status, stderr)."""
     monkeypatch.setattr(sys, "argv", ["fvis", *args])
+    monkeypatch.setattr(cli, "_hydra_main", lambda: pytest.fail("the typo reached Hydra"))
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     return exit_.value.code, capsys.readouterr().err
