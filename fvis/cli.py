@@ -8,12 +8,14 @@ The library never imports Hydra; this module composes the config, instantiates
 the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
 """
 
+import dataclasses
 import hashlib
 import inspect
 import logging
 import platform
 import re
 import sys
+import tempfile
 import time
 from importlib import resources
 from pathlib import Path
@@ -29,7 +31,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 import fvis
-from fvis import devices, optim, outputs, runs
+from fvis import devices, distributed, optim, outputs, runs
 from fvis.errors import FvisError, InvalidValueError, did_you_mean
 from fvis.models import check_image_size
 from fvis.settings import Display, Quality, Settings
@@ -176,20 +178,41 @@ def run(cfg, out_dir):
     Returns:
         (the dict written to results.json, this attempt's record in run.json).
     """
+    if _start_distributed(cfg) and not distributed.is_writer():
+        with tempfile.TemporaryDirectory(prefix="fvis-process-") as scratch:  # computes its share, writes nothing
+            return _run(cfg, scratch, {}, quality_enabled=False)
     with outputs.attempt(out_dir) as record:
-        record["versions"] = _versions()
-        start = time.perf_counter()
-        settings, display, quality = checked_settings(cfg)
-        devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
-        model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
-        record["timings"] = {"load_model_s": time.perf_counter() - start}
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        layers = resolved.get("layers")
-        outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
-                               param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
-                               optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
-                               quality=quality, config=resolved, attempt=record)
-        record["timings"]["total_s"] = time.perf_counter() - start
+        return _run(cfg, out_dir, record)
+
+
+def _start_distributed(cfg):
+    """Starts JAX's distributed runtime when the config's `distributed` keys ask for it (before
+    anything else uses JAX); True for a multi-host run."""
+    keys = OmegaConf.to_container(cfg.distributed) if cfg.get("distributed") is not None else {}
+    unknown = sorted(set(keys) - set(distributed.KEYS))
+    if unknown:
+        raise InvalidValueError(f"Unknown key(s) {unknown} in distributed; it takes {list(distributed.KEYS)}. "
+                                f"Received: {keys}")
+    return distributed.initialize(**keys)
+
+
+def _run(cfg, out_dir, record, *, quality_enabled=None):
+    """`run`'s job in `out_dir`, filling the attempt `record`."""
+    record["versions"] = _versions()
+    start = time.perf_counter()
+    settings, display, quality = checked_settings(cfg)
+    if quality_enabled is not None:
+        quality = dataclasses.replace(quality, enabled=quality_enabled)
+    devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
+    model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+    record["timings"] = {"load_model_s": time.perf_counter() - start}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    layers = resolved.get("layers")
+    outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
+                           param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
+                           optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
+                           quality=quality, config=resolved, attempt=record)
+    record["timings"]["total_s"] = time.perf_counter() - start
     return outcome.results, record
 
 
@@ -268,7 +291,19 @@ def main():
     if message:
         print(f"fvis: error: {message}", file=sys.stderr)
         sys.exit(2)
+    if _other_process(sys.argv[1:]):  # a multi-host run's process > 0: no .hydra/ or log file in the run folder
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     _hydra_main()
+
+
+def _other_process(args):
+    """Whether the command line makes this process one of a multi-host run's processes other than 0
+    (distributed.process_id=i, i > 0; or distributed.auto=true under SLURM or Open MPI with rank > 0)."""
+    import os
+    ids = [a.split("=", 1)[1] for a in args if a.startswith("distributed.process_id=")]
+    if "distributed.auto=true" in args:
+        ids += [os.environ.get(k, "0") for k in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK")]
+    return any(i.isdigit() and int(i) > 0 for i in ids)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")

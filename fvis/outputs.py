@@ -190,7 +190,7 @@ def _remove_stale(folder, names):
     (folder / "report.html").unlink(missing_ok=True)
 
 
-_NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that change no optimised value
+_NOT_RESULTS = ("display", "compilation_cache", "quality", "distributed")  # config keys that change no optimised value
 
 
 def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):

@@ -15,7 +15,9 @@ import dataclasses
 import logging
 import time
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
 from fvis import chunks as chunks_lib, devices as devices_lib, memory
@@ -150,6 +152,9 @@ class Job:
         with bar:
             for index, chunk_units in self.chunks():
                 rendered = store.load(index, chunk_units) if store is not None else None
+                stored_size = getattr(store, "batch_sizes", {}).get(index, self.batch_size)
+                if jax.process_count() > 1:
+                    rendered, stored_size = self._as_process_zero(rendered, stored_size, len(chunk_units))
                 if rendered is None:
                     rendered, size = runner.run(index, chunk_units)
                     bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
@@ -158,7 +163,7 @@ class Job:
                         smaller = {} if size == self.batch_size else {"batch_size": size}
                         store.save(index, chunk_units, rendered, **smaller)
                 else:
-                    size = getattr(store, "batch_sizes", {}).get(index, self.batch_size)
+                    size = stored_size
                     runner.continue_at(size)
                 parts.append(rendered)
                 sizes.append(size)
@@ -166,6 +171,19 @@ class Job:
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
         return Result(self.units, *stacked, compile_s=runner.compile_s, optimize_s=runner.optimize_s,
                       batch_sizes=sizes, memory=runner.report())
+
+    def _as_process_zero(self, rendered, size, count):
+        """Multi-host: process 0's stored chunk (or None) on every process, so that all of them
+        compute the same chunks together; process 0 alone holds the run folder."""
+        first = jax.process_index() == 0
+        if not bool(multihost_utils.broadcast_one_to_all(np.int32(first and rendered is not None))):
+            return None, size
+        d, h, w, c = self.images_per_unit, *self.image_shape
+        template = Rendered(np.zeros((count, d, h, w, c), np.float32), np.zeros((count, d, self.steps), np.float32),
+                            np.zeros((count, d), np.float32), np.zeros((count, d, self.steps), np.float32))
+        sent = (rendered if first else template, np.int32(size))
+        received, size = multihost_utils.broadcast_one_to_all(sent)
+        return Rendered(*(np.asarray(a) for a in received)), int(size)
 
     def _check_finite(self, rendered, chunk_units):
         for name in ("curves", "grad_norms", "images", "final"):
@@ -207,6 +225,9 @@ class _ChunkRunner:
         """Checks the first compiled batch size against the budget; halves an auto batch size that
         does not fit (False: compile again), refuses an explicit one."""
         budget, bound = memory.budget(list(self.job.mesh.devices.flat)) or (None, None)
+        if jax.process_count() > 1:  # every host must take the same decision: the least budget of all
+            budgets = multihost_utils.process_allgather(np.int64(-1 if budget is None else budget))
+            budget = None if (budgets < 0).all() else int(budgets[budgets >= 0].min())
         if estimate is None or budget is None or estimate.total <= budget:
             self.checked = {"estimate_bytes": None if estimate is None else estimate.total, "budget_bytes": budget,
                             "budget_bound_by": bound, "batch_size": self.batch_size}
