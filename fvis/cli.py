@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import inspect
 import logging
+import os
 import platform
 import re
 import sys
@@ -299,7 +300,6 @@ def main():
 def _other_process(args):
     """Whether the command line makes this process one of a multi-host run's processes other than 0
     (distributed.process_id=i, i > 0; or distributed.auto=true under SLURM or Open MPI with rank > 0)."""
-    import os
     ids = [a.split("=", 1)[1] for a in args if a.startswith("distributed.process_id=")]
     if "distributed.auto=true" in args:
         ids += [os.environ.get(k, "0") for k in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK")]
