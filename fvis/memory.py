@@ -154,5 +154,5 @@ def is_out_of_memory(exc):
 
 
 def gib(n):
-    """Bytes as a short "1.23 GiB" string."""
-    return f"{n / 2**30:.2f} GiB"
+    """Bytes as a short string: "1.23 GiB", or "12.3 MiB" under a GiB."""
+    return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
