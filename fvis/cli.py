@@ -368,4 +368,8 @@ def run_command(cfg, out_dir, *, in_sweep=False):
         if in_sweep:
             return None
         sys.exit(2)
+    if not distributed.is_writer():
+        print(f"fvis: this process computed its share of {len(summary.get('filters', []))} images; process 0 "
+              f"writes the run folder")
+        return
     print(_done_line(summary, record, out_dir))

@@ -56,6 +56,8 @@ def test_two_processes_as_two_hosts_write_what_one_process_writes(tmp_path):
              for i in (0, 1)]
     outs = [proc.communicate(timeout=300) for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], outs
+    assert [line for line in outs[1][0].splitlines() if line.startswith("fvis:")] == [
+        "fvis: this process computed its share of 4 images; process 0 writes the run folder"]
     run = json.loads((folders[0] / "run.json").read_text())["attempts"][-1]
     assert run["status"] == "done" and run["versions"]["device_count"] == 2
     assert not folders[1].exists() or [p for p in folders[1].rglob("*") if p.is_file()] == []
