@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import multihost_utils
 
-from fvis import devices, render
+from fvis import devices, memory, render
 from fvis.errors import UnknownNameError, did_you_mean
 
 LOOPS = ("scan", "host")
@@ -62,14 +62,16 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         weights, units: example arguments, as placed by `put` (shapes matter).
 
     Returns:
-        `chunk(weights, units) -> fvis.render.Rendered` of global device arrays.
+        (`chunk(weights, units) -> fvis.render.Rendered` of global device arrays, its
+        `fvis.memory.Estimate` per device or None where the backend reports none).
     """
     replicated, by_unit = devices.shardings(mesh)
     keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
     jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        return jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units).compile()
+        compiled = jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units).compile()
+        return compiled, memory.estimate(compiled)
     init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
     state = jax.eval_shape(init, units)
     init = init.lower(units).compile()
@@ -86,4 +88,4 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         images, final, alpha, snapshots = finish(weights, state, units)
         return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1), alpha, snapshots)
 
-    return chunk
+    return chunk, memory.estimate(init, step, finish)

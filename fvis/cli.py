@@ -9,19 +9,24 @@ the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import inspect
 import logging
+import os
 import platform
 import re
 import shutil
 import sys
+import tempfile
 import time
+from importlib import resources
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from hydra.errors import InstantiationException
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.errors import HydraException, InstantiationException
 from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from hydra.utils import get_object, instantiate
@@ -29,8 +34,8 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 import fvis
-from fvis import devices, images, optim, outputs, params, runs
-from fvis.errors import FvisError, InvalidValueError
+from fvis import devices, distributed, images, optim, outputs, params, runs
+from fvis.errors import FvisError, InvalidValueError, did_you_mean
 from fvis.models import check_image_size
 from fvis.runfolder import FolderBusyError
 from fvis.settings import Display, Quality, Settings
@@ -182,23 +187,44 @@ def run(cfg, out_dir, *, keep_refused=False):
     Returns:
         (the dict written to results.json, this attempt's record in run.json).
     """
+    if _start_distributed(cfg) and not distributed.is_writer():
+        with tempfile.TemporaryDirectory(prefix="fvis-process-") as scratch:  # computes its share, writes nothing
+            return _run(cfg, scratch, {}, quality_enabled=False)
     with outputs.attempt(out_dir, keep_refused=keep_refused) as record:
-        record["versions"] = _versions()
-        start = time.perf_counter()
-        settings, display, quality = checked_settings(cfg)
-        devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
-        model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
-        record["timings"] = {"load_model_s": time.perf_counter() - start}
-        resolved = OmegaConf.to_container(cfg, resolve=True)
-        layers = resolved.get("layers")
-        param = _instantiate(cfg.param)
-        if cfg.start_image is not None:
-            param = params.start_from(param, cfg.start_image)
-        outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
-                               param=param, transform=_instantiate(cfg.transform),
-                               optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
-                               quality=quality, config=resolved, attempt=record)
-        record["timings"]["total_s"] = time.perf_counter() - start
+        return _run(cfg, out_dir, record)
+
+
+def _start_distributed(cfg):
+    """Starts JAX's distributed runtime when the config's `distributed` keys ask for it (before
+    anything else uses JAX); True for a multi-host run."""
+    keys = OmegaConf.to_container(cfg.distributed) if cfg.get("distributed") is not None else {}
+    unknown = sorted(set(keys) - set(distributed.KEYS))
+    if unknown:
+        raise InvalidValueError(f"Unknown key(s) {unknown} in distributed; it takes {list(distributed.KEYS)}. "
+                                f"Received: {keys}")
+    return distributed.initialize(**keys)
+
+
+def _run(cfg, out_dir, record, *, quality_enabled=None):
+    """`run`'s job in `out_dir`, filling the attempt `record`."""
+    record["versions"] = _versions()
+    start = time.perf_counter()
+    settings, display, quality = checked_settings(cfg)
+    if quality_enabled is not None:
+        quality = dataclasses.replace(quality, enabled=quality_enabled)
+    devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
+    model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+    record["timings"] = {"load_model_s": time.perf_counter() - start}
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    layers = resolved.get("layers")
+    param = _instantiate(cfg.param)
+    if cfg.start_image is not None:
+        param = params.start_from(param, cfg.start_image)
+    outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
+                           param=param, transform=_instantiate(cfg.transform),
+                           optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
+                           quality=quality, config=resolved, attempt=record)
+    record["timings"]["total_s"] = time.perf_counter() - start
     return outcome.results, record
 
 
@@ -288,11 +314,63 @@ def _check_folder(key, folder):
         sys.exit(2)
 
 
+def main():
+    """The `fvis` command: checks the config-group choices on the command line, then runs Hydra
+    (see `run_command` for what a job prints and its exit status)."""
+    message = config_group_typo(sys.argv[1:])
+    if message:
+        print(f"fvis: error: {message}", file=sys.stderr)
+        sys.exit(2)
+    if _other_process(sys.argv[1:]):  # a multi-host run's process > 0: no .hydra/ or log file in the run folder
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
+    _hydra_main()
+
+
+def _other_process(args):
+    """Whether the command line makes this process one of a multi-host run's processes other than 0
+    (distributed.process_id=i, i > 0; or distributed.auto=true under SLURM or Open MPI with rank > 0)."""
+    ids = [a.split("=", 1)[1] for a in args if a.startswith("distributed.process_id=")]
+    if "distributed.auto=true" in args:
+        ids += [os.environ.get(k, "0") for k in ("SLURM_PROCID", "OMPI_COMM_WORLD_RANK")]
+    return any(i.isdigit() and int(i) > 0 for i in ids)
+
+
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")
-def main(cfg):
-    """Hydra entry point (see `run_command` for what it prints and its exit status)."""
+def _hydra_main(cfg):
     hydra_cfg = HydraConfig.get()
     run_command(cfg, hydra_cfg.runtime.output_dir, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+
+
+CONFIG_GROUPS = ("model", "objective", "param", "transform", "optimizer", "experiment")
+
+
+def config_group_typo(args):
+    """The one-line "Unknown param 'fourierr'. Did you mean 'fourier'? ..." for the first choice of
+    an fvis config group on the command line (`param=fourierr`, or in a sweep `-m param=pixel,fourierr`)
+    that names no config file; None when every choice exists (or Hydra will report a malformed override)."""
+    try:
+        overrides = OverridesParser.create().parse_overrides([a for a in args if "=" in a and not a.startswith("-")])
+    except HydraException:
+        return None
+    for override in overrides:
+        group = override.key_or_group
+        if group not in CONFIG_GROUPS or override.is_delete():
+            continue
+        try:
+            values = list(override.sweep_string_iterator()) if override.is_sweep_override() else [override.value()]
+        except HydraException:  # glob(...) and other sweeps Hydra resolves against the config
+            continue
+        choices = _group_options(group)
+        for value in values:
+            if isinstance(value, str) and value not in choices and value != "null":
+                return did_you_mean(value, choices, kind=group)
+    return None
+
+
+def _group_options(group):
+    """The config names of one fvis config group (the YAML files in fvis/conf/<group>)."""
+    return sorted(p.name[:-5] for p in resources.files("fvis.conf").joinpath(group).iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def run_command(cfg, out_dir, *, in_sweep=False):
@@ -322,4 +400,8 @@ def run_command(cfg, out_dir, *, in_sweep=False):
         if in_sweep:
             return None
         sys.exit(2)
+    if not distributed.is_writer():
+        print(f"fvis: this process computed its share of {len(summary.get('filters', []))} images; process 0 "
+              f"writes the run folder")
+        return
     print(_done_line(summary, record, out_dir))

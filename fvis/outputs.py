@@ -96,6 +96,7 @@ class ChunkStore:
         self.folder, self.fingerprint = Path(folder) / "chunks", config_fingerprint
         self.reused, self.rejected, self.saved = [], [], []
         self._finished = None  # images.npz's arrays, read once: {} when absent, None-valued when untrusted
+        self.batch_sizes = {}  # index -> the batch size a loaded chunk was computed at, where not the job's
 
     def _path(self, index):
         return self.folder / f"chunk_{index:05d}.npz"
@@ -118,8 +119,11 @@ class ChunkStore:
         if not path.exists():
             return None, False
         arrays = _read_npz(path)
+        batch_size = None if arrays is None else arrays.pop("batch_size", None)
         ok = (arrays is not None and str(arrays.pop("fingerprint", "")) == self.fingerprint
               and np.array_equal(arrays.pop("units", None), units) and set(arrays) == set(Rendered._fields))
+        if ok and batch_size is not None:
+            self.batch_sizes[index] = int(batch_size)
         return (Rendered(**arrays) if ok else None), True
 
     def _from_finished(self, index, units):
@@ -127,7 +131,7 @@ class ChunkStore:
         if self._finished is None:
             path = self.folder.parent / "images.npz"
             arrays = _read_npz(path) if path.exists() else {}
-            fields = {"fingerprint", "chunk", "units", *Rendered._fields}
+            fields = {"fingerprint", "chunk", "chunk_batch_size", "units", *Rendered._fields}
             trusted = arrays == {} or (arrays is not None and fields <= set(arrays)
                                        and str(arrays["fingerprint"]) == self.fingerprint)
             self._finished = arrays if trusted else {"untrusted": True}
@@ -138,11 +142,14 @@ class ChunkStore:
         rows = self._finished["chunk"] == index
         if not np.array_equal(self._finished["units"][rows], units):
             return None, True
+        self.batch_sizes[index] = int(self._finished["chunk_batch_size"][rows][0])
         return Rendered(*(self._finished[name][rows] for name in Rendered._fields)), False
 
-    def save(self, index, units, rendered):
+    def save(self, index, units, rendered, batch_size=None):
+        """Writes chunk `index`; `batch_size`, a smaller batch size it was computed at, is kept with it."""
+        sizes = {} if batch_size is None else {"batch_size": np.int64(batch_size)}
         atomic_write_bytes(self._path(index), npz_bytes(
-            fingerprint=np.array(self.fingerprint), units=units, **rendered._asdict()))
+            fingerprint=np.array(self.fingerprint), units=units, **sizes, **rendered._asdict()))
         self.saved.append(index)
 
     def stats(self):
@@ -243,8 +250,9 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, t
         meta: extra JSON-able facts (model, layer, units, this attempt's timings).
         crop, mode, margin: display settings (see `fvis.images`).
         transparency: also write each tile with MaCo's transparency as its alpha channel.
-        chunks: None, or (config fingerprint, (N,) chunk index of each unit): images.npz then
-            also serves as the job's finished chunks (see `ChunkStore`).
+        chunks: None, or (config fingerprint, (N,) chunk index of each unit, (N,) the batch size
+            its chunk was computed at): images.npz then also serves as the job's finished chunks
+            (see `ChunkStore`).
 
     Returns:
         The dict written to results.json.
@@ -267,7 +275,8 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, t
             })
     extras = _write_extras(folder, result, all_tiles, records, names, crop=crop, mode=mode, margin=margin,
                            transparency=transparency)
-    resume = {} if chunks is None else {"fingerprint": np.array(chunks[0]), "chunk": np.asarray(chunks[1], np.int32)}
+    resume = {} if chunks is None else {"fingerprint": np.array(chunks[0]), "chunk": np.asarray(chunks[1], np.int32),
+                                        "chunk_batch_size": np.asarray(chunks[2], np.int32)}
     atomic_write_bytes(folder / "images.npz", npz_bytes(  # every Rendered field: it is the finished chunks too
         units=result.units, images=result.images, curves=result.curves, final=result.final,
         grad_norms=result.grad_norms, transparency=result.transparency, snapshots=result.snapshots,
@@ -287,7 +296,7 @@ def _remove_stale(folder, names):
     (folder / "report.html").unlink(missing_ok=True)
 
 
-_NOT_RESULTS = ("display", "compilation_cache", "quality")  # config keys that change no optimised value
+_NOT_RESULTS = ("display", "compilation_cache", "quality", "distributed")  # config keys that change no optimised value
 
 
 def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):
@@ -321,13 +330,17 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
+    sizes = np.concatenate([np.full(len(units), size) for (_, units), size in zip(job.chunks(), result.batch_sizes)])
+    if any(size != job.batch_size for size in result.batch_sizes):  # chunks retried after running out of memory
+        meta["chunk_batch_sizes"] = [int(size) for size in result.batch_sizes]
     chunk_of_unit = np.concatenate([np.full(len(units), index) for index, units in job.chunks()])
-    summary = write_run(folder, result, config=config, meta=meta, **display, chunks=(store.fingerprint, chunk_of_unit))
+    summary = write_run(folder, result, config=config, meta=meta, **display,
+                        chunks=(store.fingerprint, chunk_of_unit, sizes))
     if finish is not None:
         summary = finish(job, result, folder, summary, previous)
     store.clear()  # images.npz holds them now
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
-             "chunks": {"total": len(job.chunks()), **store.stats()}}
+             "chunks": {"total": len(job.chunks()), **store.stats()}, "memory": result.memory}
     return summary, facts
 
 

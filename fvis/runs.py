@@ -100,6 +100,7 @@ def run_job(model, objective, units, folder, *, layers=None, param=None, transfo
     attempt.setdefault("timings", {}).update(
         compile_s=facts["compile_s"], optimize_s=facts["optimize_s"], run_s=time.perf_counter() - start)
     attempt["chunks"] = facts["chunks"]
+    attempt["memory"] = facts["memory"]
     return Outcome(summary, attempt)
 
 
@@ -215,5 +216,7 @@ def _merge_facts(parts):
     """One attempt's facts from each layer's: seconds and chunk counts summed."""
     chunks = {key: sum(done["chunks"][key] for _, done in parts) for key in ("total", "reused", "computed")}
     chunks["recomputed_bad"] = [f"{layer}:{i}" for layer, done in parts for i in done["chunks"]["recomputed_bad"]]
+    memory = {layer: done["memory"] for layer, done in parts if done["memory"].get("retries")}
     return {"compile_s": sum(done["compile_s"] for _, done in parts),
-            "optimize_s": sum(done["optimize_s"] for _, done in parts), "chunks": chunks}
+            "optimize_s": sum(done["optimize_s"] for _, done in parts), "chunks": chunks,
+            "memory": {"retries": memory}}

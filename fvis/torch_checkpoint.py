@@ -11,6 +11,8 @@ import pickle
 
 import numpy as np
 
+from fvis.errors import FvisError, InvalidValueError
+
 _MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _PROTOCOL_VERSION = 1001
 _STORAGE_DTYPES = {
@@ -24,6 +26,11 @@ _STORAGE_DTYPES = {
     "ByteStorage": np.uint8,
     "BoolStorage": np.bool_,
 }
+
+
+class RefusedCodeError(FvisError, pickle.UnpicklingError):
+    """A checkpoint's pickle names a class or function other than the few a tensor state dict
+    needs: it may be trying to run code, so nothing of it is loaded."""
 
 
 class _Storage:
@@ -77,7 +84,7 @@ class _RestrictedUnpickler(pickle.Unpickler):
         try:
             return _ALLOWED[(module, name)]
         except KeyError:
-            raise pickle.UnpicklingError(
+            raise RefusedCodeError(
                 f"Refusing to load '{module}.{name}' from a checkpoint: only "
                 "tensor state dicts are read (allowed: "
                 f"{sorted('.'.join(k) for k in _ALLOWED)})."
@@ -104,15 +111,26 @@ def load_legacy_state_dict(path):
         dtypes and shapes (PyTorch layout, e.g. conv kernels (O, I, kh, kw)).
 
     Raises:
-        ValueError: the file is not a legacy torch checkpoint (a zip-format file,
-            or a wrong magic number or protocol).
-        pickle.UnpicklingError: the file names a class other than the few a
-            tensor state dict needs (it may be trying to run code).
+        InvalidValueError (a ValueError): the file is not a legacy torch checkpoint (a
+            zip-format file, a wrong magic number or protocol), or it is truncated or corrupt;
+            the message names the file.
+        RefusedCodeError (a pickle.UnpicklingError): the file names a class other than the
+            few a tensor state dict needs (it may be trying to run code); nothing is run.
     """
+    try:
+        return _load(path)
+    except (RefusedCodeError, InvalidValueError):
+        raise
+    except (EOFError, pickle.UnpicklingError, ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+        raise InvalidValueError(f"'{path}' is truncated or corrupt: it cannot be read as a legacy torch "
+                                f"checkpoint ({type(e).__name__}: {e}). Received: path='{path}'") from e
+
+
+def _load(path):
     storages = {}
     with open(path, "rb") as f:
         if f.read(2) == b"PK":
-            raise ValueError(
+            raise InvalidValueError(
                 f"'{path}' is a zip-format torch checkpoint; only the legacy "
                 "format is supported. Re-save it with "
                 "torch.save(sd, path, _use_new_zipfile_serialization=False)."
@@ -121,7 +139,7 @@ def load_legacy_state_dict(path):
         header = _RestrictedUnpickler(f, storages)
         magic, protocol = header.load(), header.load()
         if magic != _MAGIC_NUMBER or protocol != _PROTOCOL_VERSION:
-            raise ValueError(
+            raise InvalidValueError(
                 f"'{path}' is not a legacy torch checkpoint (magic={magic!r}, "
                 f"protocol={protocol!r}; expected {_MAGIC_NUMBER}, {_PROTOCOL_VERSION})."
             )
@@ -133,6 +151,6 @@ def load_legacy_state_dict(path):
             numel = int.from_bytes(f.read(8), "little")
             raw = f.read(numel * storage.dtype.itemsize)
             if numel != storage.numel or len(raw) != numel * storage.dtype.itemsize:
-                raise ValueError(f"'{path}' is truncated or corrupt at storage {key}.")
+                raise InvalidValueError(f"'{path}' is truncated or corrupt at storage {key}.")
             storage.data = np.frombuffer(raw, dtype=storage.dtype.newbyteorder("<"))
     return {name: ref.to_numpy() for name, ref in result.items()}

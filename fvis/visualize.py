@@ -15,10 +15,12 @@ import dataclasses
 import logging
 import time
 
+import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from fvis import chunks as chunks_lib, devices as devices_lib
+from fvis import chunks as chunks_lib, devices as devices_lib, memory
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
@@ -46,6 +48,10 @@ class Result:
         snapshot_steps: (S,) int32, the step counts of the snapshots (`Settings.snapshots`).
         compile_s: seconds spent compiling (0 if every chunk came from the store).
         optimize_s: seconds spent running the compiled chunks.
+        batch_sizes: per chunk, the batch size it was computed at (the job's, or less
+            after running out of memory).
+        memory: JSON-able facts of this run: XLA's estimate for a chunk and the budget
+            it was checked against (bytes), and the chunks retried at a smaller batch size.
     """
 
     units: np.ndarray
@@ -58,6 +64,8 @@ class Result:
     snapshot_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     compile_s: float = 0.0
     optimize_s: float = 0.0
+    batch_sizes: list = dataclasses.field(default_factory=list)
+    memory: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dead(self):
@@ -82,15 +90,17 @@ class Job:
     mesh: object
     facts: dict = dataclasses.field(default_factory=dict)
     snapshot_steps: tuple = ()
+    auto_batch: bool = False  # batch_size was "auto": fitted to memory rather than refused
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
         b = self.batch_size
         return [(i, self.units[s: s + b]) for i, s in enumerate(range(0, len(self.units), b))]
 
-    def _placed(self, chunk_units):
-        """The chunk's units padded to batch_size (repeating the last), on the mesh."""
-        padded = np.concatenate([chunk_units, np.repeat(chunk_units[-1:], self.batch_size - len(chunk_units))])
+    def _placed(self, chunk_units, batch_size=None):
+        """The chunk's units padded to `batch_size` (default the job's; repeating the last), on the mesh."""
+        size = batch_size or self.batch_size
+        padded = np.concatenate([chunk_units, np.repeat(chunk_units[-1:], size - len(chunk_units))])
         return chunks_lib.put(padded.astype(np.int32), devices_lib.shardings(self.mesh)[1])
 
     def placed_weights(self):
@@ -99,49 +109,93 @@ class Job:
 
     def compile(self, weights):
         """Compiles the chunk function once; returns (chunk, seconds)."""
+        chunk, _, seconds = self.compile_sized(weights, self.batch_size)
+        return chunk, seconds
+
+    def compile_sized(self, weights, batch_size):
+        """Compiles the chunk function for `batch_size` units.
+
+        Returns:
+            (chunk, its `fvis.memory.Estimate` per device or None, seconds).
+        """
         start = time.perf_counter()
-        chunk = chunks_lib.compile_chunk(
+        chunk, estimate = chunks_lib.compile_chunk(
             self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
-            images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1]))
-        return chunk, time.perf_counter() - start
+            images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1], batch_size))
+        return chunk, estimate, time.perf_counter() - start
+
+    def smaller_batch(self, batch_size):
+        """Half of `batch_size`, rounded up to a multiple of the device count; None if that is not smaller."""
+        half = devices_lib.round_up(max(1, batch_size // 2), self.mesh.size)
+        return half if half < batch_size else None
 
     def run(self, *, store=None, progress="auto"):
         """Optimises every chunk not already in `store`; returns a `Result`.
 
+        Before the first chunk is optimised, its compiled program's memory estimate is
+        checked against what the devices have (`fvis.memory`): with batch_size="auto" the
+        batch is halved until it fits, an explicit batch_size that does not fit is refused.
+        A chunk that still runs out of memory is computed again in parts of half the batch
+        size (and half again), and so are the chunks after it; each chunk's batch size is
+        in `Result.batch_sizes`, and saved with the chunk so a resumed job continues at it.
+
         Args:
             store: optional object with `load(index, units) -> Rendered | None` and
-                `save(index, units, rendered)`; finished chunks are saved as they end.
+                `save(index, units, rendered)`; finished chunks are saved as they end. A chunk
+                computed at a smaller batch size than the job's is saved with
+                `batch_size=` that size, and the store's optional dict `batch_sizes`
+                {index: batch size} gives it back for the chunks it loaded.
             progress: True, False, or "auto" (a bar when stderr is a terminal): filters
                 done, filters/s, time left, and optimisation steps per second. A bar
                 opened inside another one (a whole-model job's) is removed when done.
 
         Raises:
             NonFiniteError: a chunk produced NaN or Inf; earlier chunks stay saved.
+            OutOfMemoryError: the job does not fit in memory (before anything is optimised),
+                or a chunk ran out of memory at the smallest batch size.
         """
-        weights = self.placed_weights()
-        compiled, compile_s, optimize_s, parts, computed = None, 0.0, 0.0, [], 0
+        runner = _ChunkRunner(self, self.placed_weights())
+        parts, sizes = [], []
         bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
                    desc=self.objective.name, leave=None)
         with bar:
             for index, chunk_units in self.chunks():
                 rendered = store.load(index, chunk_units) if store is not None else None
+                stored_size = getattr(store, "batch_sizes", {}).get(index, self.batch_size)
+                if jax.process_count() > 1:
+                    rendered, stored_size = self._as_process_zero(rendered, stored_size, len(chunk_units))
                 if rendered is None:
-                    if compiled is None:
-                        compiled, compile_s = self.compile(weights)
-                    start = time.perf_counter()
-                    out = chunks_lib.to_host(compiled(weights, self._placed(chunk_units)))
-                    rendered = Rendered(*(a[: len(chunk_units)] for a in out))
-                    optimize_s += time.perf_counter() - start
-                    computed += 1
-                    bar.set_postfix_str(f"{computed * self.steps / max(optimize_s, 1e-9):.1f} steps/s", refresh=False)
+                    rendered, size = runner.run(index, chunk_units)
+                    bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
                     self._check_finite(rendered, chunk_units)
                     if store is not None:
-                        store.save(index, chunk_units, rendered)
+                        smaller = {} if size == self.batch_size else {"batch_size": size}
+                        store.save(index, chunk_units, rendered, **smaller)
+                else:
+                    size = stored_size
+                    runner.continue_at(size)
                 parts.append(rendered)
+                sizes.append(size)
                 bar.update(len(chunk_units))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
         return Result(self.units, *stacked, snapshot_steps=np.asarray(self.snapshot_steps, np.int32),
-                      compile_s=compile_s, optimize_s=optimize_s)
+                      compile_s=runner.compile_s, optimize_s=runner.optimize_s, batch_sizes=sizes,
+                      memory=runner.report())
+
+    def _as_process_zero(self, rendered, size, count):
+        """Multi-host: process 0's stored chunk (or None) on every process, so that all of them
+        compute the same chunks together; process 0 alone holds the run folder."""
+        first = jax.process_index() == 0
+        if not bool(multihost_utils.broadcast_one_to_all(np.int32(first and rendered is not None))):
+            return None, size
+        d, h, w, c = self.images_per_unit, *self.image_shape
+        s = len(self.snapshot_steps)
+        template = Rendered(np.zeros((count, d, h, w, c), np.float32), np.zeros((count, d, self.steps), np.float32),
+                            np.zeros((count, d), np.float32), np.zeros((count, d, self.steps), np.float32),
+                            np.zeros((count, d, h, w), np.float32), np.zeros((count, d, s, h, w, c), np.float32))
+        sent = (rendered if first else template, np.int32(size))
+        received, size = multihost_utils.broadcast_one_to_all(sent)
+        return Rendered(*(np.asarray(a) for a in received)), int(size)
 
     def _check_finite(self, rendered, chunk_units):
         """Raises NonFiniteError naming the first non-finite quantity: the step, the unit, and what."""
@@ -166,6 +220,97 @@ class Job:
 # Rendered fields -> what they are, for messages.
 _STEP_QUANTITIES = {"curves": "objective", "grad_norms": "gradient (its norm)"}
 _END_QUANTITIES = {"images": "image pixels", "final": "objective of the final image"}
+
+
+class _ChunkRunner:
+    """Computes a job's chunks at its batch size, or in parts of a smaller one after running out
+    of memory; compiles once per batch size and checks the first compilation's memory estimate."""
+
+    def __init__(self, job, weights):
+        self.job, self.weights, self.batch_size = job, weights, job.batch_size
+        self.compiled, self.retries, self.checked = {}, [], None
+        self.compile_s = self.optimize_s = 0.0
+        self.computed_steps = 0
+
+    def continue_at(self, batch_size):
+        """A chunk loaded from the store was computed at `batch_size`: later chunks use no more."""
+        self.batch_size = min(self.batch_size, batch_size)
+
+    def _function(self):
+        while self.batch_size not in self.compiled:
+            chunk, estimate, seconds = self.job.compile_sized(self.weights, self.batch_size)
+            self.compile_s += seconds
+            if self.checked is None and not self._fits(estimate):
+                continue
+            self.compiled[self.batch_size] = chunk
+        return self.compiled[self.batch_size]
+
+    def _fits(self, estimate):
+        """Checks the first compiled batch size against the budget; halves an auto batch size that
+        does not fit (False: compile again), refuses an explicit one."""
+        budget, bound = memory.budget(list(self.job.mesh.devices.flat)) or (None, None)
+        if jax.process_count() > 1:  # every host must take the same decision: the least budget of all
+            budgets = multihost_utils.process_allgather(np.int64(-1 if budget is None else budget))
+            budget = None if (budgets < 0).all() else int(budgets[budgets >= 0].min())
+        if estimate is None or budget is None or estimate.total <= budget:
+            self.checked = {"estimate_bytes": None if estimate is None else estimate.total, "budget_bytes": budget,
+                            "budget_bound_by": bound, "batch_size": self.batch_size}
+            return True
+        smaller = self.job.smaller_batch(self.batch_size)
+        if self.job.auto_batch and smaller is not None:
+            log.info("batch_size=auto: %d filters need about %s, more than the %s free (%s); trying %d",
+                     self.batch_size, memory.gib(estimate.total), memory.gib(budget), bound, smaller)
+            self.batch_size = smaller
+            return False
+        raise memory.OutOfMemoryError(self._refusal(estimate.total, budget, bound))
+
+    def _refusal(self, needed, budget, bound):
+        job, size = self.job, "x".join(str(n) for n in self.job.image_shape[:2])
+        images = f" ({self.batch_size * job.images_per_unit} images)" if job.images_per_unit > 1 else ""
+        way_out = ("a smaller batch_size (batch_size=auto fits it to memory) or a smaller image_size"
+                   if self.batch_size > job.mesh.size else "a smaller image_size, or a device with more memory")
+        received = "auto" if job.auto_batch else self.batch_size
+        return (f"A chunk of {self.batch_size} filters{images} of {job.objective.name} at {size} needs about "
+                f"{memory.gib(needed)} per device (XLA's estimate), but {memory.gib(budget)} is free "
+                f"({bound}). Use {way_out}. Received: batch_size={received}, image_size={list(job.image_shape[:2])}")
+
+    def run(self, index, units):
+        """(Rendered, the batch size used) for one chunk, halving the batch size on running out of memory."""
+        while True:
+            chunk, size = self._function(), self.batch_size
+            start = time.perf_counter()
+            try:
+                parts = [chunks_lib.to_host(chunk(self.weights, self.job._placed(units[s: s + size], size)))
+                         for s in range(0, len(units), size)]
+            except Exception as e:
+                if not memory.is_out_of_memory(e):
+                    raise
+                self._halve(index, size, e)
+                continue
+            self.optimize_s += time.perf_counter() - start
+            self.computed_steps += self.job.steps * len(parts)
+            cut = [Rendered(*(a[: len(units[s: s + size])] for a in out))
+                   for s, out in zip(range(0, len(units), size), parts)]
+            return Rendered(*(np.concatenate(field) for field in zip(*cut))), size
+
+    def _halve(self, index, size, error):
+        smaller = self.job.smaller_batch(size)
+        if smaller is None:
+            raise memory.OutOfMemoryError(
+                f"Chunk {index} of {self.job.objective.name} ran out of memory at batch size {size}, the "
+                f"smallest possible here ({type(error).__name__}: {str(error).splitlines()[0]}). Use a smaller "
+                f"image_size or a device with more memory. Finished chunks are kept.") from error
+        log.warning("chunk %d of %s ran out of memory at batch size %d; computing it and the chunks after it at "
+                    "batch size %d (%s)", index, self.job.objective.name, size, smaller, str(error).splitlines()[0])
+        self.retries.append({"chunk": index, "batch_size": size, "retried_at": smaller})
+        self.batch_size = smaller
+
+    def steps_per_s(self):
+        return self.computed_steps / max(self.optimize_s, 1e-9)
+
+    def report(self):
+        """JSON-able memory facts of this run (see `Result.memory`)."""
+        return {**(self.checked or {}), "retries": self.retries}
 
 
 def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, settings=None,
@@ -226,7 +371,8 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     facts = forward.facts()
     _log_facts(facts, rewrites)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
-               renderer, image_shape, loop, mesh, facts, settings.snapshots)
+               renderer, image_shape, loop, mesh, facts, settings.snapshots,
+               auto_batch=settings.batch_size == "auto")
 
 
 def _log_facts(facts, rewrites):

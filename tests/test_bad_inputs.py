@@ -1,6 +1,5 @@
 """Odd models and bad input: a clear answer, never a silently wrong picture."""
 
-import json
 import subprocess
 import sys
 

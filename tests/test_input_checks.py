@@ -162,7 +162,7 @@ def test_transform_fill_must_be_a_number(fill):
 
 @pytest.mark.parametrize("seed", [-1, 2**32, 99999999999999999999, 1.5])
 def test_seed_outside_jax_range_is_refused_before_compute(tiny, seed):
-    with pytest.raises(InvalidValueError, match=rf"seed must be an integer from 0 to 4294967295.*Received: seed="):
+    with pytest.raises(InvalidValueError, match=r"seed must be an integer from 0 to 4294967295.*Received: seed="):
         fvis.prepare(tiny, "conv1", [0], seed=seed)
 
 

@@ -9,7 +9,6 @@ import keras
 import numpy as np
 import pytest
 
-import fvis
 from fvis import images, objectives as O
 from tests.test_config_flow import library, run_cli
 

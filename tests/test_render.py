@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import fvis
-from fvis import models, objectives, params, render
+from fvis import models, params, render
 
 
 def reference_ascent(model, layer, unit, image, steps, lr=10.0):
