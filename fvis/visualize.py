@@ -12,6 +12,7 @@ loses at most the chunk in flight.
 """
 
 import dataclasses
+import logging
 import time
 
 import numpy as np
@@ -20,11 +21,14 @@ from tqdm.auto import tqdm
 from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
+from fvis.progress import PROGRESS, bar_shown
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.models import Forward, Rewrites, as_vis_model
 from fvis.render import Rendered, make_renderer
 from fvis.settings import Settings
 from fvis.units import parse_units
+
+log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
@@ -53,6 +57,16 @@ class Result:
     def dead(self):
         """(N, D) bool: the gradient was exactly zero at every step (the image never moved)."""
         return np.all(self.grad_norms == 0, axis=-1)
+
+    def _repr_png_(self):
+        """The grid as PNG bytes, for notebooks (see `fvis.notebook`)."""
+        from fvis import notebook
+        return notebook.png_bytes(self)
+
+    def _repr_html_(self):
+        """The grid (an embedded PNG) and a table of each image's figures, for notebooks."""
+        from fvis import notebook
+        return notebook.result_html(self)
 
 
 @dataclasses.dataclass
@@ -108,25 +122,33 @@ class Job:
         """
         weights = self.placed_weights()
         compiled, compile_s, optimize_s, parts, computed = None, 0.0, 0.0, [], 0
-        bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
-                   desc=self.objective.name, leave=None)
+        schedule = self.chunks()
+        bar = tqdm(total=len(self.units), unit="filter", disable=bar_shown(progress), desc=self.objective.name,
+                   leave=None)
         with bar:
-            for index, chunk_units in self.chunks():
+            for index, chunk_units in schedule:
                 rendered = store.load(index, chunk_units) if store is not None else None
                 if rendered is None:
                     if compiled is None:
                         compiled, compile_s = self.compile(weights)
+                        log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps)", self.objective.name,
+                                 compile_s, self.batch_size, self.steps)
                     start = time.perf_counter()
                     out = chunks_lib.to_host(compiled(weights, self._placed(chunk_units)))
                     rendered = Rendered(*(a[: len(chunk_units)] for a in out))
-                    optimize_s += time.perf_counter() - start
+                    seconds = time.perf_counter() - start
+                    optimize_s += seconds
                     computed += 1
                     bar.set_postfix_str(f"{computed * self.steps / max(optimize_s, 1e-9):.1f} steps/s", refresh=False)
                     self._check_finite(rendered, chunk_units)
                     if store is not None:
                         store.save(index, chunk_units, rendered)
+                    log.info("chunk %d/%d done: %d filters in %.1f s (%.2f filters/s)", index + 1, len(schedule),
+                             len(chunk_units), seconds, len(chunk_units) / max(seconds, 1e-9), extra={PROGRESS: True})
                 parts.append(rendered)
                 bar.update(len(chunk_units))
+        if computed < len(schedule):
+            log.info("%d of %d chunks reused from earlier attempts", len(schedule) - computed, len(schedule))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
         return Result(self.units, *stacked, compile_s=compile_s, optimize_s=optimize_s)
 
