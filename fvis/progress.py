@@ -42,20 +42,31 @@ def phase(description, log, *, progress="auto", refresh_s=0.5):
     start = time.perf_counter()
     bar = tqdm(total=None, desc=description, bar_format="{desc}: {elapsed}", disable=bar_shown(progress),
                leave=False)
-    stop = threading.Event()
-    ticker = threading.Thread(target=_tick, args=(bar, stop, refresh_s), daemon=True)
-    if not bar.disable:
-        ticker.start()
     closing = []
     try:
-        yield lambda message, *args: closing.append((message, args))
+        with ticking(bar, refresh_s=refresh_s):
+            yield lambda message, *args: closing.append((message, args))
     finally:
-        stop.set()
-        if ticker.is_alive():
-            ticker.join()
         bar.close()
     for message, args in closing:
         log.info(message + " in %.1f s", *args, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def ticking(bar, *, refresh_s=0.5):
+    """Redraws a tqdm `bar` every `refresh_s` seconds while the block runs, so its elapsed time moves
+    during a long call that updates nothing (compiling, building a model)."""
+    if bar.disable:
+        yield
+        return
+    stop = threading.Event()
+    ticker = threading.Thread(target=_tick, args=(bar, stop, refresh_s), daemon=True)
+    ticker.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        ticker.join()
 
 
 def _tick(bar, stop, refresh_s):

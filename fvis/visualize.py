@@ -21,7 +21,7 @@ from tqdm.auto import tqdm
 from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
-from fvis.progress import PROGRESS, bar_shown
+from fvis.progress import PROGRESS, bar_shown, ticking
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.models import Forward, Rewrites, as_vis_model
 from fvis.render import Rendered, make_renderer
@@ -130,7 +130,9 @@ class Job:
                 rendered = store.load(index, chunk_units) if store is not None else None
                 if rendered is None:
                     if compiled is None:
-                        compiled, compile_s = self.compile(weights)
+                        bar.set_postfix_str("compiling")
+                        with ticking(bar):
+                            compiled, compile_s = self.compile(weights)
                         log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps)", self.objective.name,
                                  compile_s, self.batch_size, self.steps)
                     start = time.perf_counter()
