@@ -5,7 +5,10 @@
     fvis -m steps=10,30                    # a sweep, one folder per job
 
 The library never imports Hydra; this module composes the config, instantiates
-the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
+the `_target_` factories it names, and calls `fvis.run_job(...)`. The library logs
+the run's story on `logging`; Hydra's job logging (conf/config.yaml) writes it to the
+run folder's cli.log and, through `ConsoleHandler`, to the console. The job returns
+its quality score to Hydra, for sweepers that search (`search_figure`).
 """
 
 import hashlib
