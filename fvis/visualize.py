@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from fvis import chunks as chunks_lib, devices as devices_lib
 from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
-from fvis.progress import PROGRESS, bar_shown, ticking
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.models import Forward, Rewrites, as_vis_model
+from fvis.progress import PROGRESS, bar_shown, ticking
 from fvis.render import Rendered, make_renderer
 from fvis.settings import Settings
 from fvis.units import parse_units
