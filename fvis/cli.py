@@ -203,15 +203,15 @@ def run(cfg, out_dir):
         start = time.perf_counter()
         settings, display, quality = checked_settings(cfg)
         devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
-        resolved = OmegaConf.to_container(cfg, resolve=True)
         preset = _preset()
-        if preset is not None:  # recorded in results.json (and the report); absent for the reference
-            resolved["experiment"] = preset
-        log.info("job: %s -> %s", _job_line(resolved), out_dir)
+        log.info("job: %s -> %s", _job_line(cfg, preset), out_dir)
         with progress.phase("building the model", log) as done:
             model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
             done("model %s built (%dx%d)", model.name, *model.image_size)
         record["timings"] = {"load_model_s": time.perf_counter() - start}
+        resolved = OmegaConf.to_container(cfg, resolve=True)  # after the model: it reports its own ??? keys first
+        if preset is not None:  # recorded in results.json (and the report); absent for the reference
+            resolved["experiment"] = preset
         layers = resolved.get("layers")
         outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
                                param=_instantiate(cfg.param), transform=_instantiate(cfg.transform),
@@ -238,14 +238,18 @@ def _preset():
     return HydraConfig.get().runtime.choices.get("experiment")
 
 
-def _job_line(resolved):
-    """The run's settings in one line: model, layer(s), filters, steps, lr, image size, seed, preset."""
-    model = resolved["model"]
-    name = model.get("name") or model.get("_target_", "?").rsplit(".", 1)[-1]
-    where = f"layers {resolved['layers']}" if resolved.get("layers") is not None else f"layer {resolved.get('layer')}"
-    size = "model's own" if resolved.get("image_size") is None else "x".join(map(str, resolved["image_size"]))
-    return (f"model {name}, {where}, filters {resolved['filters']}, {resolved['steps']} steps, lr {resolved['lr']}, "
-            f"image {size}, seed {resolved['seed']}, preset {resolved.get('experiment') or 'none'}")
+def _job_line(cfg, preset):
+    """The run's settings in one line: model, layer(s), filters, steps, lr, image size, seed, preset.
+    Values not set yet (`???`) show as "?": building the model or the objective reports them."""
+    value = lambda node, key: "?" if _given(node, key) is None else _given(node, key)
+    model = cfg.model
+    name = _given(model, "name") or str(_given(model, "_target_") or "?").rsplit(".", 1)[-1]
+    layers = _given(cfg, "layers")
+    where = f"layer {value(cfg, 'layer')}" if layers is None else f"layers {layers}"
+    size = _given(cfg, "image_size")
+    size = "the model's own" if size is None else "x".join(str(v) for v in size)
+    return (f"model {name}, {where}, filters {value(cfg, 'filters')}, {value(cfg, 'steps')} steps, "
+            f"lr {value(cfg, 'lr')}, image {size}, seed {value(cfg, 'seed')}, preset {preset or 'none'}")
 
 
 def _versions():
