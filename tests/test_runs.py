@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 import fvis
-from fvis import cli
+from fvis import cli, report
 
 
 def composed(*overrides):
@@ -15,13 +15,23 @@ def composed(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+def _report_less_settings(path):
+    """report.html's bytes without its settings table (from the config) and this attempt's seconds."""
+    text = path.read_text()
+    start, end = text.index("<h2>Settings</h2>"), text.index(report.TIMINGS_END)
+    return (text[:start] + text[end:]).encode()
+
+
 def files(folder):
-    """{relative path: bytes} of every file a run wrote, less the attempt record, the timings and the
-    chunks (they carry the fingerprint of the config that made them)."""
+    """{relative path: bytes} of every file a run wrote, less the attempt record, the timings, the
+    config (results.json's, and report.html's settings) and the chunks (they carry the fingerprint of
+    the config that made them)."""
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != "run.json" and path.parent.name != "chunks":
             data = json.loads(path.read_text()) if path.name == "results.json" else path.read_bytes()
+            if path.name == "report.html":
+                data = _report_less_settings(path)
             if isinstance(data, dict):
                 data.pop("config", None)
                 for part in [data, *data.get("layers", [])]:
