@@ -11,11 +11,12 @@ try:
 except _metadata.PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "unknown"
 
-from fvis import (images, models, objectives, optim, outputs, params, quality, regularizers,  # noqa: E402
-                  transforms)
+from fvis import (images, models, notebook, objectives, optim, outputs, params, quality,  # noqa: E402
+                  regularizers, transforms)
+from fvis.notebook import show  # noqa: E402
 from fvis.runs import Outcome, run_job  # noqa: E402
 from fvis.settings import Display, Quality, Settings  # noqa: E402
 from fvis.visualize import Result, prepare, visualize  # noqa: E402
 
-__all__ = ["images", "models", "objectives", "optim", "outputs", "params", "quality", "regularizers", "transforms",
-           "Display", "Outcome", "Quality", "Result", "Settings", "prepare", "run_job", "visualize"]
+__all__ = ["images", "models", "notebook", "objectives", "optim", "outputs", "params", "quality", "regularizers",
+           "transforms", "Display", "Outcome", "Quality", "Result", "Settings", "prepare", "run_job", "show", "visualize"]

@@ -5,7 +5,10 @@
     fvis -m steps=10,30                    # a sweep, one folder per job
 
 The library never imports Hydra; this module composes the config, instantiates
-the `_target_` factories it names, and calls `fvis.prepare(...).run(...)`.
+the `_target_` factories it names, and calls `fvis.run_job(...)`. The library logs
+the run's story on `logging`; Hydra's job logging (conf/config.yaml) writes it to the
+run folder's cli.log and, through `ConsoleHandler`, to the console. The job returns
+its quality score to Hydra, for sweepers that search (`search_figure`).
 """
 
 import contextlib
@@ -24,6 +27,7 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
+from tqdm.auto import tqdm
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.errors import HydraException, InstantiationException
@@ -34,26 +38,46 @@ from omegaconf import OmegaConf
 from omegaconf.errors import InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 import fvis
-from fvis import devices, distributed, images, optim, outputs, params, runs
+from fvis import devices, distributed, images, optim, outputs, params, progress, runs
 from fvis.errors import FvisError, InvalidValueError, did_you_mean
 from fvis.models import check_image_size
 from fvis.runfolder import FolderBusyError
 from fvis.settings import Display, Quality, Settings
 
 _MAX_DIR = 120
+_ITEM = re.compile(r",(?=[A-Za-z_+~][\w.@/+~-]*=)")  # the comma before the next "key=" in an override list
+_FILE_SUFFIXES = re.compile(r"(\.[A-Za-z][A-Za-z0-9]{0,7})+$")  # .weights.h5, .keras, .png (not .25_224)
+
+log = logging.getLogger(__name__)
 
 
 def run_dir_name(override_dirname):
     """A folder name for a run from its command-line overrides ("default" if none).
 
-    The same command always gives the same folder, so running it again resumes.
-    Unsafe characters become "_"; long names are cut and suffixed with a hash.
+    The same command always gives the same folder, so running it again resumes. A file or
+    folder path in a value is shown by its name without suffixes plus a hash of the whole
+    path (`model.weights=../w/mobilenet_0.25_224.weights.h5` -> `model.weights=mobilenet_0.25_224-<hash>`);
+    other unsafe characters become "_"; long names are cut and suffixed with a hash.
     """
     unescaped = re.sub(r"\\(.)", r"\1", override_dirname)  # Hydra writes filters=0\:8 in sweeps
-    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", unescaped) or "default"
+    readable = ",".join(_shorten_path(item) for item in _ITEM.split(unescaped)) if unescaped else ""
+    name = re.sub(r"[^A-Za-z0-9=,._+-]", "_", readable) or "default"
     if len(name) > _MAX_DIR:
         name = name[: _MAX_DIR - 13] + "-" + hashlib.sha256(name.encode()).hexdigest()[:12]
     return name
+
+
+def _shorten_path(item):
+    """`key=<a path>` -> `key=<its name without suffixes>-<hash of the path>`; other items as they are.
+
+    A value is a path when it has a "/" and starts with "/", "~", "." or "$", or ends in a file suffix
+    (so a nested layer name such as `blocks/3/conv` stays as it is)."""
+    key, sep, value = item.partition("=")
+    is_path = "/" in value and (value[0] in "/~.$" or _FILE_SUFFIXES.search(value.rsplit("/", 1)[-1]))
+    if not sep or not is_path:
+        return item
+    stem = _FILE_SUFFIXES.sub("", value.rstrip("/").rsplit("/", 1)[-1]) or "path"
+    return f"{key}={stem}-{hashlib.sha256(value.encode()).hexdigest()[:6]}"
 
 
 OmegaConf.register_new_resolver("fvis_dir", run_dir_name, replace=True)
@@ -213,9 +237,15 @@ def _run(cfg, out_dir, record, *, quality_enabled=None):
     if quality_enabled is not None:
         quality = dataclasses.replace(quality, enabled=quality_enabled)
     devices.use_compilation_cache(cfg.compilation_cache)  # first: building a Keras model compiles too
-    model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+    preset = _preset()
+    log.info("job: %s -> %s", _job_line(cfg, preset), out_dir)
+    with progress.phase("building the model", log) as done:
+        model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
+        done("model %s built (%dx%d)", model.name, *model.image_size)
     record["timings"] = {"load_model_s": time.perf_counter() - start}
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True)  # after the model: it reports its own ??? keys first
+    if preset is not None:  # recorded in results.json (and the report); absent for the reference
+        resolved["experiment"] = preset
     layers = resolved.get("layers")
     param = _instantiate(cfg.param)
     if cfg.start_image is not None:
@@ -238,6 +268,27 @@ def _objective(cfg, layers):
     return lambda layer: _instantiate(cfg.objective, layer=layer)
 
 
+def _preset():
+    """The preset chosen with experiment=NAME (Hydra's runtime choice), or None."""
+    if not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("experiment")
+
+
+def _job_line(cfg, preset):
+    """The run's settings in one line: model, layer(s), filters, steps, lr, image size, seed, preset.
+    Values not set yet (`???`) show as "?": building the model or the objective reports them."""
+    value = lambda node, key: "?" if _given(node, key) is None else _given(node, key)
+    model = cfg.model
+    name = _given(model, "name") or str(_given(model, "_target_") or "?").rsplit(".", 1)[-1]
+    layers = _given(cfg, "layers")
+    where = f"layer {value(cfg, 'layer')}" if layers is None else f"layers {layers}"
+    size = _given(cfg, "image_size")
+    size = "the model's own" if size is None else "x".join(str(v) for v in size)
+    return (f"model {name}, {where}, filters {value(cfg, 'filters')}, {value(cfg, 'steps')} steps, "
+            f"lr {value(cfg, 'lr')}, image {size}, seed {value(cfg, 'seed')}, preset {preset or 'none'}")
+
+
 def _versions():
     import jax
     return {"fvis": fvis.__version__, "jax": jax.__version__, **fvis.models.framework_versions(),
@@ -253,21 +304,10 @@ def _done_line(summary, record, out_dir):
         where = f"{out_dir}/index.html"
     else:
         what, where = f"{len(summary['filters'])} images of {summary['objective']}", f"{out_dir}/grid.png"
-    line = f"fvis: {what} -> {where} (compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s{reused})"
+    lines = [f"{what} -> {where} (compile {t['compile_s']:.1f} s, optimise {t['optimize_s']:.1f} s{reused})"]
     if "quality" in summary:
-        line += f"\nfvis: quality {_quality_line(summary['quality'])} -> {out_dir}/report.html"
-    return line
-
-
-def _quality_line(q):
-    shown = [("rank-1 selectivity", q["rank1_fraction"], ".2f"), ("robustness", q["robustness_median"], ".2f"),
-             ("spectral slope", q["spectral_slope_median"], ".2f")]
-    line = ", ".join(f"{name} {'n/a' if v is None else format(v, fmt)}" for name, v, fmt in shown)
-    if q.get("failed_images"):  # the figures above count them as failures; the live ones beside
-        live = q["live"]["rank1_fraction"]
-        line += (f"; {q['failed_images']} failed images (dead or flat units; live rank-1 "
-                 f"{'n/a' if live is None else format(live, '.2f')})")
-    return line
+        lines.append(f"quality {runs.headline(summary['quality'])} -> {out_dir}/report.html")
+    return lines
 
 
 def _user_message(exc):
@@ -337,8 +377,18 @@ def _other_process(args):
 
 @hydra.main(version_base="1.3", config_path="pkg://fvis.conf", config_name="config")
 def _hydra_main(cfg):
+    """Hydra entry point (see `run_command` for what it logs and its exit status); returns the
+    job's `search_figure` to Hydra's sweeper."""
     hydra_cfg = HydraConfig.get()
-    run_command(cfg, hydra_cfg.runtime.output_dir, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+    summary = run_command(cfg, hydra_cfg.runtime.output_dir, in_sweep=hydra_cfg.mode == RunMode.MULTIRUN)
+    return search_figure(summary)
+
+
+def search_figure(summary):
+    """What a job returns to Hydra, for a sweeper that searches (`fvis -m search=...`): the run's
+    `quality.score` (see `fvis.quality.score`); None for a failed job, a whole-model job or
+    `quality.enabled=false` (a searching sweeper counts that trial as failed)."""
+    return (summary or {}).get("quality", {}).get("score")
 
 
 CONFIG_GROUPS = ("model", "objective", "param", "transform", "optimizer", "experiment")
@@ -382,6 +432,9 @@ def run_command(cfg, out_dir, *, in_sweep=False):
     and the same command resumes). In a multirun, a job that fails is recorded in its
     folder (error.json) and the sweep goes on; the sweep callback (`fvis.sweep`)
     reports failed jobs at the end.
+
+    Returns:
+        The dict written to results.json; None for a job that failed in a sweep.
     """
     try:
         summary, record = run(cfg, out_dir, keep_refused=in_sweep)
@@ -401,7 +454,44 @@ def run_command(cfg, out_dir, *, in_sweep=False):
             return None
         sys.exit(2)
     if not distributed.is_writer():
-        print(f"fvis: this process computed its share of {len(summary.get('filters', []))} images; process 0 "
-              f"writes the run folder")
-        return
-    print(_done_line(summary, record, out_dir))
+        log.info("this process computed its share of %d images; process 0 writes the run folder",
+                 len(summary.get("filters", [])))
+        return None
+    for line in _done_line(summary, record, out_dir):
+        log.info(line)
+    return summary
+
+
+class ConsoleFormatter(logging.Formatter):
+    """Console lines of the job's log: "fvis: <message>" for fvis' loggers, "<logger>: <message>" for
+    others, with the level from WARNING up (cli.log keeps Hydra's timestamped format)."""
+
+    def format(self, record):
+        head = "fvis" if record.name.split(".")[0] == "fvis" else record.name
+        level = f"{record.levelname.lower()}: " if record.levelno >= logging.WARNING else ""
+        text = f"{head}: {level}{record.getMessage()}"
+        return text + ("\n" + self.formatException(record.exc_info) if record.exc_info else "")
+
+
+class ConsoleHandler(logging.StreamHandler):
+    """The console side of the job's log (conf/config.yaml, `hydra.job_logging`).
+
+    Lines are written around a progress bar (`tqdm.write`). When stderr is a terminal the
+    bars show the chunks, so per-chunk lines (records marked `fvis.progress.PROGRESS`) are
+    left out of the console; cli.log and a pipe (SLURM, `| tee`) get every line.
+    """
+
+    def emit(self, record):
+        if getattr(record, progress.PROGRESS, False) and _terminal():
+            return
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+        except Exception:  # logging's rule: a failing handler reports and goes on
+            self.handleError(record)
+
+
+def _terminal():
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):
+        return False

@@ -238,3 +238,29 @@ def _add_natural(records, summary, natural, forward, objective, units, own, acti
     summary["natural_ratio_median"] = _median(r["natural_ratio"] for r in records)
     summary["live"]["natural_ratio_median"] = _median(r["natural_ratio"] for r in records if not r["failed"])
     summary["natural_images"] = len(names)
+
+
+def score(records, dead):
+    """The run's one quality figure for a search (a sweeper maximises it): in [0, 1].
+
+    Each image counts its robustness, capped at 1, when its own unit ranks first
+    (selectivity rank 1) and it moved; otherwise 0. The mean is over ALL images,
+    so dead units (zero gradient at every step), images that drive another unit
+    more, and pixel-exact patterns that fall apart after a small shift all pull it
+    down, and no single unit can carry it (each image adds at most 1/N).
+
+    Args:
+        records: N*D per-image dicts from `measure` ("selectivity_rank", "robustness").
+        dead: N*D bools in the same order, True where the image never moved.
+
+    Returns:
+        float, or None for an objective without units (no selectivity rank).
+    """
+    records, dead = list(records), list(dead)
+    if len(records) != len(dead):
+        raise ValueError(f"score needs one dead flag per image. Received: {len(records)} images, {len(dead)} flags")
+    if not records or any(r["selectivity_rank"] is None for r in records):
+        return None
+    credit = [0.0 if d or r.get("failed") or r["selectivity_rank"] != 1 or r["robustness"] is None
+              else min(max(r["robustness"], 0.0), 1.0) for r, d in zip(records, dead)]
+    return float(np.mean(credit))

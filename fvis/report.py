@@ -23,6 +23,7 @@ _SUMMARY_ROWS = [
     ("spectral_slope_median", "median spectral slope (photos about -2 to -3, noise 0)", "{:.2f}"),
     ("activation_median", "median activation reached", "{:.4g}"),
     ("natural_ratio_median", "median activation / best natural photo's", "{:.3f}"),
+    ("score", "score: images selective (rank 1) and robust, capped at 1, over all images", "{:.3f}"),
 ]
 
 
@@ -71,15 +72,23 @@ def _number(value, fmt="{:.3g}"):
     return "&ndash;" if value is None else fmt.format(value)
 
 
-def _sparkline(curve, width=120, height=32):
-    """An inline SVG polyline of a loss curve (the objective per step)."""
+def _sparkline(curve, width=150, height=40):
+    """An inline SVG of a curve (the objective per step) with its scale: the highest and lowest
+    value at the left edge, the first and last step along the bottom."""
     y = np.asarray(curve, np.float64)
     if len(y) < 2 or not np.all(np.isfinite(y)):
         return ""
+    left, top, plot_w, plot_h = 42, 6, width - 46, height - 18
     span = (y.max() - y.min()) or 1.0
-    points = " ".join(f"{i * width / (len(y) - 1):.1f},{height - (v - y.min()) / span * height:.1f}"
+    points = " ".join(f"{left + i * plot_w / (len(y) - 1):.1f},{top + plot_h - (v - y.min()) / span * plot_h:.1f}"
                       for i, v in enumerate(y))
+    label = 'font-size="9" fill="#555"'
     return (f'<svg width="{width}" height="{height}" viewBox="0 0 {width} {height}">'
+            f'<text x="{left - 3}" y="{top + 3}" text-anchor="end" {label}>{y.max():.3g}</text>'
+            f'<text x="{left - 3}" y="{top + plot_h + 3}" text-anchor="end" {label}>{y.min():.3g}</text>'
+            f'<text x="{left}" y="{height - 1}" {label}>0</text>'
+            f'<text x="{left + plot_w}" y="{height - 1}" text-anchor="end" {label}>step {len(y) - 1}</text>'
+            f'<line x1="{left}" y1="{top}" x2="{left}" y2="{top + plot_h}" stroke="#bbb"/>'
             f'<polyline fill="none" stroke="#36c" stroke-width="1.5" points="{points}"/></svg>')
 
 
@@ -106,10 +115,46 @@ def _filter_row(record):
     return "<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
 
 
+_SETTINGS = [("model", "model"), ("layer", "layer"), ("objective", "objective"), ("steps", "steps"),
+             ("lr", "learning rate"), ("image_size", "image size"), ("seed", "seed"), ("experiment", "preset")]
+_TIMINGS = [("compile_s", "compile"), ("optimize_s", "optimise"), ("quality_s", "quality report")]
+TIMINGS_START, TIMINGS_END = "<!-- timings -->", "<!-- /timings -->"  # this attempt's seconds: the one part
+                                                                      # that differs when a job is run again
+
+
+def settings_rows(summary):
+    """[(label, text)] of the run's settings from a results.json dict (its config and facts)."""
+    config, found = summary.get("config") or {}, []
+    for key, label in _SETTINGS:
+        value = summary.get(key, config.get(key))
+        if key == "image_size" and value is not None:
+            value = "x".join(str(v) for v in value)
+        if key == "experiment":
+            value = value or "none"  # presets are the command's (experiment=...); it records the one chosen
+        if value is not None:
+            found.append((label, str(value)))
+    return found
+
+
+def timings_text(summary):
+    """This attempt's seconds, as "compile 3.8 s, optimise 0.2 s, quality report 5.2 s"."""
+    t = summary.get("timings", {})
+    return ", ".join(f"{label} {t[key]:.1f} s" for key, label in _TIMINGS if t.get(key) is not None)
+
+
+def _natural_hint(q):
+    if "natural_ratio_median" in q:
+        return ""
+    return ('<p class="hint">The columns &ldquo;/ best photo&rdquo; and &ldquo;top natural photos&rdquo; are empty: '
+            'run the job again with <code>quality.natural_images=FOLDER</code> (a folder of photos) to compare '
+            'each image with the photos that drive its unit most (finished chunks are reused).</p>')
+
+
 def page(summary):
     """The HTML text of report.html for a results.json dict that holds quality figures.
 
-    It holds no timings (they are in results.json), so a re-run writes the same bytes.
+    Its settings table comes from the run's config; the seconds this attempt took sit between
+    `TIMINGS_START` and `TIMINGS_END`, the only part that differs when the job runs again.
     """
     q = summary.get("quality", {})
     title = html.escape(f'{summary.get("model", "")}: {summary.get("objective", "")}')
@@ -122,6 +167,9 @@ def page(summary):
                   f"<td>{q['failed_images']}</td><td></td></tr>")
     dead = summary.get("dead_filters", [])
     facts += f"<tr><th>dead units (never moved; gray tiles)</th><td>{len(dead)}</td><td></td></tr>" if dead else ""
+    settings = "".join(f"<tr><th>{html.escape(label)}</th><td>{html.escape(text)}</td></tr>"
+                       for label, text in settings_rows(summary))
+    timings = html.escape(timings_text(summary))
     rows = "\n".join(_filter_row(r) for r in summary["filters"])
     snaps = summary.get("snapshots")
     snaps = (f'<h2>Snapshots after {", ".join(map(str, snaps["steps"]))} steps</h2>'
@@ -133,14 +181,18 @@ def page(summary):
 body {{ font-family: sans-serif; margin: 1.5em; }} table {{ border-collapse: collapse; }}
 td, th {{ border-bottom: 1px solid #ddd; padding: 4px 8px; text-align: left; vertical-align: middle; }}
 img.grid {{ max-width: 100%; }} img.tile {{ width: 96px; }} figure {{ display: inline-block; margin: 0 4px; }}
-figure img {{ width: 64px; }} figcaption {{ font-size: 70%; }}
+figure img {{ width: 64px; }} figcaption {{ font-size: 70%; }} .side {{ display: inline-block; vertical-align: top;
+margin-right: 3em; }} p.hint {{ background: #fff8dc; padding: 6px 10px; max-width: 60em; }}
 img.alpha {{ margin-left: 4px; background: repeating-conic-gradient(#ccc 0 25%, #fff 0 50%) 0 0 / 12px 12px; }}
 </style></head><body>
 <h1>{title}</h1>
-<table>{facts}</table>
+<div class="side"><h2>Quality</h2><table>{facts}</table></div>
+<div class="side"><h2>Settings</h2><table>{settings}</table>
+<p>Time: {TIMINGS_START}{timings}{TIMINGS_END}</p></div>
 <h2>Grid</h2><img class="grid" src="grid.png" alt="grid of all images">
 {snaps}
 <h2>Per filter</h2>
+{_natural_hint(q)}
 <table><tr><th>image</th><th>unit</th><th>activation</th><th>selectivity rank</th><th>robustness</th>
 <th>spectral slope</th><th>/ best photo</th><th>objective per step</th><th>top natural photos</th></tr>
 {rows}

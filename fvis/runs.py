@@ -13,6 +13,7 @@ the same job in the same folder again resumes it.
 
 import dataclasses
 import hashlib
+import logging
 import time
 from pathlib import Path
 from typing import NamedTuple
@@ -21,11 +22,14 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from fvis import atlas, images as images_lib, objectives as objectives_lib, outputs, quality as quality_lib, report
+from fvis import atlas, images as images_lib, objectives as objectives_lib, outputs, progress as progress_lib
+from fvis import quality as quality_lib, report
 from fvis.errors import InvalidTypeError
 from fvis.models import as_vis_model
 from fvis.settings import Display, Quality, Settings
 from fvis.visualize import prepare
+
+log = logging.getLogger(__name__)
 
 
 class Outcome(NamedTuple):
@@ -84,7 +88,7 @@ def run_job(model, objective, units, folder, *, layers=None, param=None, transfo
     model, settings = as_vis_model(model), settings or Settings()
     components = dict(param=param, transform=transform, optimizer=optimizer, settings=settings, devices=devices)
     jobs = _prepare_jobs(model, objective, units, layers, components)
-    finish = quality_step(quality, model, seed=settings.seed)
+    finish = quality_step(quality, model, seed=settings.seed, progress=progress)
     if config is None:
         config = _describe(objective, units, layers, param, transform, optimizer, settings, display, quality)
     shown = dataclasses.asdict(display)
@@ -95,6 +99,8 @@ def run_job(model, objective, units, folder, *, layers=None, param=None, transfo
         job = jobs[0][1]
         summary, facts = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job), display=shown,
                                                finish=finish, progress=progress)
+        log.info("wrote %d images to %s: grid.png, filters/, images.npz, results.json%s", len(summary["filters"]),
+                 folder, ", report.html" if "quality" in summary else "")
     else:
         summary, facts = _run_layers(jobs, folder, model, config, shown, finish, progress)
     attempt.setdefault("timings", {}).update(
@@ -121,13 +127,14 @@ def _prepare_jobs(model, objective, units, layers, components):
             for layer in paths]
 
 
-def quality_step(quality, model, *, seed=0):
+def quality_step(quality, model, *, seed=0, progress="auto"):
     """The quality report as a `fvis.outputs.run_and_write` finish step, or None when disabled.
 
     The photos of `quality.natural_images` are loaded here, before any compute, so a bad
     folder fails at start-up. The figures are measured once: a run whose results.json
     already holds figures for the same quality settings, photos, model weights, objective
-    and images (the `quality_key` recorded beside them) reuses them.
+    and images (the `quality_key` recorded beside them) reuses them. While it measures, a terminal shows the elapsed time
+    (`progress`, see `fvis.progress.phase`); the log gets the headline figures.
     """
     if not quality.enabled:
         return None
@@ -139,8 +146,13 @@ def quality_step(quality, model, *, seed=0):
         key = _quality_key(quality, natural, seed, job, result)
         figures = _previous_figures(previous, key, len(summary["filters"]))
         if figures is None:
-            figures = quality_lib.measure(job.forward, job.objective, result.units, result.images, dead=result.dead,
-                                          natural=natural, draws=quality.draws, seed=seed)
+            with progress_lib.phase("measuring quality", log, progress=progress) as done:
+                records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
+                                                           dead=result.dead, natural=natural, draws=quality.draws,
+                                                           seed=seed)
+                run_summary["score"] = quality_lib.score(records, result.dead.reshape(-1))
+                done("quality of %d images measured (%s)", len(records), headline(run_summary))
+            figures = records, run_summary
         summary["timings"]["quality_s"] = time.perf_counter() - start
         summary["quality_key"] = key
         return report.write(folder, summary, *figures, natural=natural)
@@ -175,6 +187,19 @@ def _previous_figures(previous, key, count):
     return None
 
 
+def headline(quality_summary):
+    """The run's quality in words: "rank-1 selectivity 0.91, robustness 0.70, spectral slope -0.18, score 0.6"."""
+    shown = [("rank-1 selectivity", "rank1_fraction"), ("robustness", "robustness_median"),
+             ("spectral slope", "spectral_slope_median"), ("score", "score")]
+    line = ", ".join(f"{name} {'n/a' if quality_summary.get(key) is None else format(quality_summary[key], '.2f')}"
+                     for name, key in shown)
+    if quality_summary.get("failed_images"):  # the figures above count them as failures; the live ones beside
+        live = quality_summary["live"]["rank1_fraction"]
+        line += (f"; {quality_summary['failed_images']} failed images (dead or flat units; live rank-1 "
+                 f"{'n/a' if live is None else format(live, '.2f')})")
+    return line
+
+
 def _describe(objective, units, layers, param, transform, optimizer, settings, display, quality):
     """The default `config` of a job run from Python (see `run_job`)."""
     name = getattr(objective, "name", None) or getattr(objective, "__name__", None) or repr(objective)
@@ -202,6 +227,7 @@ def _run_layers(jobs, out_dir, model, config, display, finish, progress):
             summary, done = outputs.run_and_write(job, folder, config=config, meta=_meta(model, job, layer),
                                                   display=display, finish=finish, progress=progress)
             overall.update(len(job.units))
+            log.info("layer %d/%d (%s) done: %d images -> %s", index + 1, len(jobs), layer, len(job.units), folder)
             parts.append((layer, done))
             entries.append(atlas.layer_entry(index, layer, summary, job.forward.shapes()[layer][-1]))
             rows.append(atlas.layer_row(folder, summary))
@@ -209,6 +235,7 @@ def _run_layers(jobs, out_dir, model, config, display, finish, progress):
     atlas.write_atlas(out_dir, title, entries, rows, margin=display["margin"])
     summary = {"config": config, "model": model.name, "image_size": list(model.image_size), "layers": entries}
     outputs.atomic_write_json(Path(out_dir) / "results.json", summary)
+    log.info("wrote the atlas of %d layers to %s: atlas.png, index.html, results.json", len(jobs), out_dir)
     return summary, _merge_facts(parts)
 
 

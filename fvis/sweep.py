@@ -67,7 +67,7 @@ class SweepCallback(Callback):
             hydra_cfg.overrides.hydra.append(f"hydra.sweep.dir='{quoted}'")
 
     def on_multirun_end(self, config, **kwargs):
-        folder = Path(config.hydra.sweep.dir)
+        folder = Path(config.hydra.sweep.dir).absolute()  # as absolute as the job lines' folders
         rows = summary.write_summary(folder)
         print(f"fvis: {len(rows)} jobs -> {folder / 'summary.html'}")
         bad = [row for row in rows if row["status"] != "done"]

@@ -11,6 +11,7 @@ one padded), and each finished chunk can be handed to a store, so a killed job
 loses at most the chunk in flight.
 """
 
+import contextlib
 import dataclasses
 import logging
 import time
@@ -25,6 +26,7 @@ from fvis import objectives as objectives_lib
 from fvis import optim, params as params_lib, transforms as transforms_lib
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.models import Forward, Rewrites, as_vis_model
+from fvis.progress import PROGRESS, bar_shown, ticking
 from fvis.render import Rendered, make_renderer
 from fvis.settings import Settings
 from fvis.units import parse_units
@@ -71,6 +73,16 @@ class Result:
     def dead(self):
         """(N, D) bool: the gradient was exactly zero at every step (the image never moved)."""
         return np.all(self.grad_norms == 0, axis=-1)
+
+    def _repr_png_(self):
+        """The grid as PNG bytes, for notebooks (see `fvis.notebook`)."""
+        from fvis import notebook
+        return notebook.png_bytes(self)
+
+    def _repr_html_(self):
+        """The grid (an embedded PNG) and a table of each image's figures, for notebooks."""
+        from fvis import notebook
+        return notebook.result_html(self)
 
 
 @dataclasses.dataclass
@@ -155,28 +167,42 @@ class Job:
                 or a chunk ran out of memory at the smallest batch size.
         """
         runner = _ChunkRunner(self, self.placed_weights())
-        parts, sizes = [], []
-        bar = tqdm(total=len(self.units), unit="filter", disable=None if progress == "auto" else not progress,
-                   desc=self.objective.name, leave=None)
+        parts, sizes, schedule, computed = [], [], self.chunks(), 0
+        bar = tqdm(total=len(self.units), unit="filter", disable=bar_shown(progress), desc=self.objective.name,
+                   leave=None)
         with bar:
-            for index, chunk_units in self.chunks():
+            for index, chunk_units in schedule:
                 rendered = store.load(index, chunk_units) if store is not None else None
                 stored_size = getattr(store, "batch_sizes", {}).get(index, self.batch_size)
                 if jax.process_count() > 1:
                     rendered, stored_size = self._as_process_zero(rendered, stored_size, len(chunk_units))
                 if rendered is None:
-                    rendered, size = runner.run(index, chunk_units)
+                    first, compile_before = not runner.compiled, runner.compile_s
+                    if first:
+                        bar.set_postfix_str("compiling")
+                    start = time.perf_counter()
+                    with ticking(bar) if first else contextlib.nullcontext():
+                        rendered, size = runner.run(index, chunk_units)
+                    if first:
+                        log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps)", self.objective.name,
+                                 runner.compile_s, size, self.steps)
+                    seconds = time.perf_counter() - start - (runner.compile_s - compile_before)
+                    computed += 1
                     bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
                     self._check_finite(rendered, chunk_units)
                     if store is not None:
                         smaller = {} if size == self.batch_size else {"batch_size": size}
                         store.save(index, chunk_units, rendered, **smaller)
+                    log.info("chunk %d/%d done: %d filters in %.1f s (%.2f filters/s)", index + 1, len(schedule),
+                             len(chunk_units), seconds, len(chunk_units) / max(seconds, 1e-9), extra={PROGRESS: True})
                 else:
                     size = stored_size
                     runner.continue_at(size)
                 parts.append(rendered)
                 sizes.append(size)
                 bar.update(len(chunk_units))
+        if computed < len(schedule):
+            log.info("%d of %d chunks reused from earlier attempts", len(schedule) - computed, len(schedule))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
         return Result(self.units, *stacked, snapshot_steps=np.asarray(self.snapshot_steps, np.int32),
                       compile_s=runner.compile_s, optimize_s=runner.optimize_s, batch_sizes=sizes,

