@@ -39,16 +39,17 @@ def images(folder):
 
 
 def test_estimate_holds_the_arguments_and_outputs_exactly_and_grows_linearly_with_the_batch(tiny):
-    """Arguments = weights + unit indices, outputs = images, curves, final values and gradient norms
-    (hand-counted bytes); the rest grows by the same amount per unit."""
+    """Arguments = weights + unit indices, outputs = images, curves, final values, gradient norms and
+    transparency maps (no snapshots asked: zero bytes) (hand-counted bytes); the rest grows by the same
+    amount per unit."""
     steps, size = 3, 32
     job = fvis.prepare(tiny, "conv2", "0:4", steps=steps, batch_size=4, loop="scan")
     weight_bytes = sum(np.asarray(w).nbytes for w in jax.tree.leaves(job.forward.weights()))
     one, two, four = (chunk_estimate(job, b) for b in (1, 2, 4))
     for b, estimate in ((1, one), (2, two), (4, four)):
         assert estimate.arguments == weight_bytes + 4 * b                                   # + int32 units
-        # float32 images, curves, final values, gradient norms; + XLA's tuple of 4 pointers
-        assert estimate.outputs == 4 * b * (size * size * 3 + steps + 1 + steps) + 4 * 8
+        # float32 images, curves, final values, gradient norms, transparency; + XLA's tuple of 6 pointers
+        assert estimate.outputs == 4 * b * (size * size * 3 + steps + 1 + steps + size * size) + 6 * 8
         assert estimate.total == estimate.arguments + estimate.outputs + estimate.temporaries - estimate.aliased
     # each unit's activations: the backward pass keeps at least conv2's output (32x32x16 float32)
     per_unit = two.total - one.total
@@ -119,6 +120,26 @@ def out_of_memory_from_second_call_at(batch_size, monkeypatch):
     monkeypatch.setattr(chunks, "compile_chunk", compile_chunk)
 
 
+def stopped_at_call(batch_size, call, monkeypatch):
+    """Chunks compiled for `batch_size` units raise on their `call`-th run, as a job killed there stops."""
+    real, calls = chunks.compile_chunk, []
+
+    def compile_chunk(*args, units, **kwargs):
+        chunk, estimate = real(*args, units=units, **kwargs)
+        if len(units) != batch_size:
+            return chunk, estimate
+
+        def stopping(weights, placed):
+            calls.append(1)
+            if len(calls) == call:
+                raise RuntimeError("killed")
+            return chunk(weights, placed)
+
+        return stopping, estimate
+
+    monkeypatch.setattr(chunks, "compile_chunk", compile_chunk)
+
+
 def test_chunk_out_of_memory_is_retried_at_half_batch_and_resumes_at_it(tmp_path, monkeypatch, caplog):
     """Chunk 1 of 3 runs out at batch 4: chunks 1-2 are computed at 2 (a batch_size=2 run's images),
     results.json, run.json and the log say so, and a resume continues at 2, byte for byte."""
@@ -139,12 +160,17 @@ def test_chunk_out_of_memory_is_retried_at_half_batch_and_resumes_at_it(tmp_path
     np.testing.assert_array_equal(got[4:], images(reference[2])[4:])
 
     first = {name: (out / name).read_bytes() for name in ("images.npz", "grid.png")}
-    (out / "chunks" / "chunk_00002.npz").unlink()              # killed before its last chunk ended
-    (out / "images.npz").unlink()
-    _, again = cli.run(composed(*settings, "batch_size=4"), out)   # memory is fine now: no failure injected
+    killed = tmp_path / "killed"
+    with monkeypatch.context() as patch:  # the same run, killed in chunk 2 (its first half at batch size 2)
+        out_of_memory_from_second_call_at(4, patch)
+        stopped_at_call(2, 3, patch)
+        with pytest.raises(RuntimeError, match="killed"):
+            cli.run(composed(*settings, "batch_size=4"), killed)
+    assert sorted(p.name for p in (killed / "chunks").iterdir()) == ["chunk_00000.npz", "chunk_00001.npz"]
+    _, again = cli.run(composed(*settings, "batch_size=4"), killed)   # memory is fine now: no failure injected
     assert again["chunks"]["reused"] == 2 and again["memory"]["retries"] == []
-    assert {name: (out / name).read_bytes() for name in first} == first
-    assert json.loads((out / "results.json").read_text())["chunk_batch_sizes"] == [4, 2, 2]
+    assert {name: (killed / name).read_bytes() for name in first} == first
+    assert json.loads((killed / "results.json").read_text())["chunk_batch_sizes"] == [4, 2, 2]
 
 
 def test_out_of_memory_at_the_smallest_batch_is_one_error_keeping_finished_chunks(tmp_path, monkeypatch):

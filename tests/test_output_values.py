@@ -127,7 +127,7 @@ def test_images_npz_and_results_json_hold_the_results_values(tmp_path, tiny):
     run = run_cli(tmp_path, "filters=[3,1]", "images_per_unit=2")
     result = library(tiny, units=[3, 1], images_per_unit=2)
     assert set(run.arrays) == {"units", "images", "curves", "final", "grad_norms", "transparency", "snapshots",
-                               "snapshot_steps", "fingerprint", "chunk"}
+                               "snapshot_steps", "fingerprint", "chunk", "chunk_batch_size"}
     assert run.arrays["units"].dtype == np.int32 and run.arrays["images"].dtype == np.float32
     for name in ("units", "images", "curves", "final", "grad_norms"):
         np.testing.assert_array_equal(run.arrays[name], getattr(result, name), err_msg=name)

@@ -123,7 +123,7 @@ def after(real, name):
 write_bytes = writer(outputs.atomic_write_bytes, bytes)
 outputs.atomic_write_bytes = report.atomic_write_bytes = atlas.atomic_write_bytes = write_bytes
 images.save_png = writer(images.save_png, lambda array: b"\x89PNG\r\n" + bytes(64))
-Job.compile = after(Job.compile, "compile")
+Job.compile_sized = after(Job.compile_sized, "compile")
 chunks.to_host = after(chunks.to_host, "chunk")
 quality.unit_values = after(quality.unit_values, "quality")
 quality.robustness = after(quality.robustness, "quality")
