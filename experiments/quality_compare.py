@@ -51,6 +51,17 @@ chunk; fvis now runs 1 filter per compiled step on a CPU, measured faster), with
 sharing the 2 cores.
 
 """
+HEADER_SUBSET = """# lucid and maco presets with the redirected ReLU, re-measured (issue 13)
+
+Made by `python experiments/quality_compare.py --filters {filters} --runs ...` (figures:
+experiments/results/quality_compare{suffix}.json): filters {filters} of each layer, seed 0, one process per run,
+on 2 AMD EPYC cores shared with other jobs (the times are long for that reason). "rank-1 selectivity",
+"robustness" and "spectral slope" count every failed image as a failure (not rank 1, robustness 0, slope 0;
+see the README's "Picture quality"), with the live images' figure in brackets where some failed;
+"dead units" never moved; "failed images" also counts units that read the same on every image.
+`*_exact` rows are the same preset with `redirect_relu=false` (the ReLUs' exact gradient).
+
+"""
 ORDER = [("mobilenet_0.25", "seed"), ("mobilenet_0.25", "maco"), ("mobilenet_0.25", "lucid"),
          ("efficientnet_lite0", "seed"), ("efficientnet_lite0", "maco"), ("efficientnet_lite0", "lucid"),
          ("efficientnet_lite0_224", "seed"), ("mobilenet_0.25_bn", "seed"), ("mobilenet_0.25_bn", "maco"),
@@ -138,7 +149,8 @@ def main():
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rows, indent=2) + "\n")
     text = table(rows)
-    (ROOT / "experiments" / f"quality_compare{suffix}.md").write_text(HEADER + text + "\n")
+    header = HEADER if not suffix else HEADER_SUBSET.format(filters=args.filters, suffix=suffix)
+    (ROOT / "experiments" / f"quality_compare{suffix}.md").write_text(header + text + "\n")
     print(text)
 
 
