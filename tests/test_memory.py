@@ -100,8 +100,8 @@ def test_auto_batch_size_is_capped_by_the_estimate_and_equals_a_run_at_that_size
     np.testing.assert_array_equal(capped.images, at_two.images)
 
 
-def out_of_memory_from_second_call_at(batch_size, monkeypatch):
-    """Chunks compiled for `batch_size` units run once, then raise XLA's out-of-memory error."""
+def failing_runs(batch_size, monkeypatch, error_at):
+    """Chunks compiled for `batch_size` units raise `error_at(n)` on their n-th run (None: they run)."""
     real, calls = chunks.compile_chunk, []
 
     def compile_chunk(*args, units, **kwargs):
@@ -111,8 +111,9 @@ def out_of_memory_from_second_call_at(batch_size, monkeypatch):
 
         def failing(weights, placed):
             calls.append(1)
-            if len(calls) > 1:
-                raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 3225718144 bytes.")
+            error = error_at(len(calls))
+            if error is not None:
+                raise error
             return chunk(weights, placed)
 
         return failing, estimate
@@ -120,24 +121,15 @@ def out_of_memory_from_second_call_at(batch_size, monkeypatch):
     monkeypatch.setattr(chunks, "compile_chunk", compile_chunk)
 
 
+def out_of_memory_from_second_call_at(batch_size, monkeypatch):
+    """Chunks compiled for `batch_size` units run once, then raise XLA's out-of-memory error."""
+    failing_runs(batch_size, monkeypatch, lambda n: jax.errors.JaxRuntimeError(
+        "RESOURCE_EXHAUSTED: Out of memory allocating 3225718144 bytes.") if n > 1 else None)
+
+
 def stopped_at_call(batch_size, call, monkeypatch):
     """Chunks compiled for `batch_size` units raise on their `call`-th run, as a job killed there stops."""
-    real, calls = chunks.compile_chunk, []
-
-    def compile_chunk(*args, units, **kwargs):
-        chunk, estimate = real(*args, units=units, **kwargs)
-        if len(units) != batch_size:
-            return chunk, estimate
-
-        def stopping(weights, placed):
-            calls.append(1)
-            if len(calls) == call:
-                raise RuntimeError("killed")
-            return chunk(weights, placed)
-
-        return stopping, estimate
-
-    monkeypatch.setattr(chunks, "compile_chunk", compile_chunk)
+    failing_runs(batch_size, monkeypatch, lambda n: RuntimeError("killed") if n == call else None)
 
 
 def test_chunk_out_of_memory_is_retried_at_half_batch_and_resumes_at_it(tmp_path, monkeypatch, caplog):
