@@ -86,7 +86,7 @@ def row(model, preset):
             "live": q.get("live"), "failed_images": q.get("failed_images"),
             "spectral_slope_median": q["spectral_slope_median"], "activation_median": q["activation_median"],
             "natural_ratio_median": q.get("natural_ratio_median"), "compile_s": t["compile_s"],
-            "optimize_s": t["optimize_s"], "quality_s": t.get("quality_s"), "total_s": t["total_s"],
+            "optimize_s": t["optimize_s"], "quality_s": t.get("quality_s"), "total_s": t.get("total_s", t["compile_s"] + t["optimize_s"] + (t.get("quality_s") or 0)),
             "dead_filters": len(results.get("dead_filters", [])), "batch_size": results.get("batch_size"),
             "loop": results.get("loop", "scan")}
 
