@@ -1,6 +1,7 @@
 """Which loop form is faster on CPU, per model: a step compiled alone ("host") or inside `lax.scan`.
 
     python experiments/loop_by_model.py     # ~4 min on 2 CPU cores -> experiments/results/loop_by_model.json
+    python experiments/loop_by_model.py OUT.json
 
 Each model's job runs with loop=host and loop=scan (1 unit per chunk), alternating, twice
 each, in one process; the first round includes compilation warm-up and is kept but the
@@ -9,6 +10,7 @@ decision uses the second. This is the measurement behind `fvis.devices.auto_loop
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,7 +43,7 @@ def main():
                              "optimize_s": result.optimize_s, "ms_per_image_step": 1000 * result.optimize_s / image_steps,
                              "process_cpu_s": time.process_time() - cpu, "load_1min": os.getloadavg()[0]})
                 print(rows[-1], flush=True)
-    path = ROOT / "experiments" / "results" / "loop_by_model.json"
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "experiments" / "results" / "loop_by_model.json"
     path.write_text(json.dumps(rows, indent=2) + "\n")
     print(path)
 

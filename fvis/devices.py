@@ -25,9 +25,9 @@ UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 # compiled chunk (at most), the loop form, and the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops).
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True},
-    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
-    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": False},
+    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False},
+    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False},
 }
 
 

@@ -97,6 +97,12 @@ class Rewrites:
         cpu_ops: trace max pooling as strided slices and stride-1 1x1 convolutions as
             dot products: the same values, gradients XLA's CPU backend runs faster
             (see `fvis.models.keras_ops`). Models without such ops ignore it.
+        fold_batchnorm: a batch norm that follows a convolution (and nothing else reads
+            that convolution's output) is folded into the convolution's kernel and bias
+            (inference-mode batch norm is an affine map per channel): the same values to
+            float rounding, one elementwise pass and its gradient fewer per pair (see
+            `fvis.models.keras_ops.batchnorm_folds`). Only at precision="float32"; models
+            without such pairs ignore it.
         redirect_relu: every ReLU and ReLU6 the model computes through `jax.nn` (all
             Keras and Flax forms) passes gradient towards firing where it would pass
             none (Lucid's redirected ReLU): the same values; a unit dead on the start
@@ -108,6 +114,7 @@ class Rewrites:
 
     precision: str = "float32"
     cpu_ops: bool = False
+    fold_batchnorm: bool = False
     redirect_relu: bool = False
     logits: bool = True
 

@@ -97,8 +97,12 @@ class KerasModel(VisModel):
         extractor = self._extractor(paths)
         axes = [keras_layers.channel_axis(self.model, p) for p in paths]
 
+        folds = (keras_ops.batchnorm_folds(extractor, [keras_layers.get_layer(self.model, p) for p in paths])
+                 if rewrites.fold_batchnorm and rewrites.precision == "float32" else [])
+
         def run(weights, x):
-            with _layer_policy(extractor, _POLICIES[rewrites.precision]), keras_ops.cpu_ops(rewrites.cpu_ops):
+            with (_layer_policy(extractor, _POLICIES[rewrites.precision]), keras_ops.cpu_ops(rewrites.cpu_ops),
+                  keras_ops.folded_batchnorm(folds)):
                 outputs, _ = extractor.stateless_call(*weights, x, training=False)
             if not isinstance(outputs, (list, tuple)):  # Keras unwraps a one-output model
                 outputs = [outputs]
