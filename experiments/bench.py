@@ -5,7 +5,8 @@
     python experiments/bench.py method=fvis job=reference batch_size=4   # one measurement -> stdout
 
 One measurement per process (so peak memory and start-up are its own):
-`method=fvis` (the fvis job), `jax_loop` (baseline a: the reference's method in
+`method=fvis` (the fvis job from Python), `fvis_cli` (the `fvis` command as a user
+runs it, quality report on), `jax_loop` (baseline a: the reference's method in
 JAX, one filter at a time), `tf_seed` (baseline b: the seed's TensorFlow code,
 when TensorFlow is installed: `pip install -e ".[bench-tf]"`), `matmul_peak`
 (the device's measured peak), `batch_study` (chunk cost against batch size
@@ -16,6 +17,7 @@ this script, and writes their JSON and a table to `results_dir`.
 import importlib.util
 import json
 import os
+import resource
 import shutil
 import subprocess
 import sys
@@ -51,10 +53,42 @@ def tf_seed(cfg):
             "loadavg_1min": os.getloadavg()[0]}
 
 
+CLI_MODELS = {"ResNet50V2": ["model=resnet50v2", "model.weights=null"]}
+
+
+def fvis_cli(cfg):
+    """The job as a user runs it: the `fvis` command in its own process (quality report on, the
+    compilation cache in `compilation_cache`, or off), its run folder in a temporary directory."""
+    import tempfile
+    job = job_config(cfg)
+    if job.model not in CLI_MODELS:
+        raise ValueError(f"method=fvis_cli knows {list(CLI_MODELS)}. Received: job.model={job.model}")
+    cache = cfg.compilation_cache if cfg.compilation_cache not in (None, "off") else "false"
+    with tempfile.TemporaryDirectory(prefix="fvis_cli_") as folder:
+        args = [*CLI_MODELS[job.model], f"layer={job.layer}", f"filters=0:{job.filters}", f"steps={job.steps}",
+                f"image_size=[{job.image_size[0]},{job.image_size[1]}]", f"compilation_cache={cache}",
+                f"hydra.run.dir={folder}"]
+        start, cpu0 = time.perf_counter(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        done = subprocess.run([sys.executable, "-m", "fvis", *args], capture_output=True, text=True)
+        wall, cpu1 = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if done.returncode != 0:
+            raise RuntimeError(f"fvis {' '.join(args)} failed:\n{done.stderr[-3000:]}")
+        results = json.loads((Path(folder) / "results.json").read_text())
+    timings = results["timings"]
+    return {"command": "fvis " + " ".join(args[:-1]), "job_s": wall,
+            "job_cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+            "image_steps": job.filters * job.steps, "batch_size": results.get("batch_size"), "loop": results.get("loop"),
+            "precision": "float32", "timings": timings, "compile_s": timings.get("compile_s"),
+            "optimize_s": timings.get("optimize_s"), "quality_s": timings.get("quality_s"),
+            "quality_share": (timings.get("quality_s") or 0.0) / wall}
+
+
 def measure(cfg):
     """One measurement, in this process, as a JSON-able dict."""
     if cfg.method == "tf_seed":
         return {"method": "tf_seed", "job": OmegaConf.to_container(job_config(cfg)), **tf_seed(cfg)}
+    if cfg.method == "fvis_cli":
+        return {"method": "fvis_cli", "job": OmegaConf.to_container(job_config(cfg)), **fvis_cli(cfg)}
     import bench_measure as m
     job = job_config(cfg)
     if cfg.method == "matmul_peak":
@@ -76,7 +110,7 @@ def measure(cfg):
             m.build_model(job), job, batch_size=p.batch_size, loops=list(p.loops),
             cpu_ops=list(p.cpu_ops))}
     else:
-        raise ValueError(f"Unknown method '{cfg.method}'. Use fvis, jax_loop, tf_seed, matmul_peak, "
+        raise ValueError(f"Unknown method '{cfg.method}'. Use fvis, fvis_cli, jax_loop, tf_seed, matmul_peak, "
                          f"batch_study or profile. Received: method={cfg.method}")
     return {"method": cfg.method, "job": OmegaConf.to_container(job), **result, **m.environment()}
 

@@ -65,7 +65,7 @@ def ratios(records):
     """Baseline / fvis: process wall (end to end), job wall, job CPU seconds, steady image-steps/s."""
     out = []
     for base in (r for r in records if r.get("method") in ("jax_loop", "tf_seed") and r.get("job_s")):
-        for ours in (r for r in records if r.get("method") == "fvis" and r.get("job") == base.get("job")
+        for ours in (r for r in records if r.get("method") in ("fvis", "fvis_cli") and r.get("job") == base.get("job")
                      and r.get("precision") == "float32"):
             out.append({"baseline": base["name"], "fvis": ours["name"], "cache": ours["cache"],
                         "end_to_end_x": base["process_s"] / ours["process_s"], "job_x": base["job_s"] / ours["job_s"],

@@ -186,3 +186,32 @@ def test_folded_forward_equals_keras(read):
                                                         jax.jit(lambda x: fwd(w, x)[read[0]]).lower(x).as_text()))
     assert feature_map_multiplies(folded) < feature_map_multiplies(plain)
     assert all("call" not in vars(layer) for layer in model.model.layers)  # the swap is undone
+
+
+def test_flax_depthwise_convolutions_as_slices_keep_values_and_gradients():
+    """A Flax NNX model's depthwise convolutions (multiplier 1 and 2, strided, 'SAME' and explicit padding)
+    run as slices under cpu_ops: the same activations and input gradients as lax's grouped convolution."""
+    import dataclasses
+    from flax import nnx
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Conv(3, 6, (3, 3), strides=2, padding="SAME", feature_group_count=3, rngs=rngs)
+            self.b = nnx.Conv(6, 6, (5, 5), padding=((2, 1), (1, 2)), feature_group_count=6, rngs=rngs)
+            self.c = nnx.Conv(6, 4, (1, 1), rngs=rngs)
+
+        def __call__(self, x):
+            return self.c(nnx.relu(self.b(nnx.relu(self.a(x)))))
+
+    model = fvis.models.from_nnx(Net(nnx.Rngs(0)), image_size=(13, 12))
+    forward = model.forward(["b", "c"])
+    plain = dataclasses.replace(forward, rewrites=fvis.models.Rewrites(cpu_ops=False))
+    sliced = dataclasses.replace(forward, rewrites=fvis.models.Rewrites(cpu_ops=True))
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (13, 12, 3)).astype("float32"))
+    w = forward.weights()
+    for path in ("b", "c"):
+        np.testing.assert_allclose(sliced(w, x)[path], plain(w, x)[path], atol=1e-5)
+        value = lambda fwd: lambda x: jnp.sum(jnp.sin(fwd(w, x)[path]))
+        np.testing.assert_allclose(jax.grad(value(sliced))(x), jax.grad(value(plain))(x), atol=1e-5)
+    text = jax.jit(lambda x: sliced(w, x)["c"]).lower(x).as_text()
+    assert "feature_group_count = 3" not in text and "feature_group_count = 6" not in text

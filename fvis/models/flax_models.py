@@ -29,6 +29,7 @@ import numpy as np
 from jax.extend import core as jax_core
 
 from fvis.errors import InvalidTypeError, InvalidValueError, MissingFileError, UnknownNameError, did_you_mean
+from fvis.models import slices
 from fvis.models.base import VisModel, check_channels, check_image_size
 
 OUTPUT = "output"  # the path of the whole model's output
@@ -190,7 +191,8 @@ class _Nnx:
         return self._split()[2]
 
     def capture(self, cpu_ops=False, float32=False):
-        """`run(weights, x) -> {path: output}`; `cpu_ops` runs 1x1 convolutions as dots, `float32`
+        """`run(weights, x) -> {path: output}`; `cpu_ops` runs 1x1 convolutions as dots and depthwise
+        ones as slices, `float32`
         makes every layer built with a 16-bit `dtype` compute in float32 (on a copy)."""
         from flax import nnx
 
@@ -200,7 +202,7 @@ class _Nnx:
             module = nnx.merge(graphdef, rng_state, state)  # a copy, inside the trace: it may be changed
             for _, layer in nnx.iter_modules(module):
                 if cpu_ops and isinstance(layer, nnx.Conv):
-                    layer.conv_general_dilated = _pointwise_as_dot
+                    layer.conv_general_dilated = _cpu_conv
                 if float32 and getattr(layer, "dtype", None) is not None:
                     layer.dtype = jnp.float32  # a layer built to compute in (b)float16
             before = _state_leaves(module)
@@ -211,10 +213,11 @@ class _Nnx:
         return run
 
 
-def _pointwise_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
                       dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
     """`lax.conv_general_dilated` with a stride-1 1x1 NHWC convolution as a dot product
-    (`keras_ops.conv_pointwise_as_dot`'s arithmetic); any other convolution is passed on unchanged."""
+    (`keras_ops.conv_cpu_conv`'s arithmetic) and an NHWC depthwise convolution as slices
+    (`fvis.models.slices.depthwise_conv`); any other convolution is passed on unchanged."""
     ones = lambda v: v is None or all(d == 1 for d in v)
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and ones(window_strides) and ones(lhs_dilation)
@@ -222,6 +225,19 @@ def _pointwise_as_dot(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_
                  and all(v is None for v in kwargs.values())
                  and (isinstance(padding, str) or all(tuple(p) == (0, 0) for p in padding))  # 1x1: no padding
                  and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+    plain = (ones(lhs_dilation) and precision is None and all(v is None for v in kwargs.values())
+             and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
+    depthwise = (plain and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
+                 and (padding in ("SAME", "VALID") or not isinstance(padding, str)))
+    if depthwise:  # HWIO (kh, kw, 1, C * m) -> (kh, kw, C, m): output channel i * m + j in both
+        spatial = lhs.shape[1:-1]
+        strides = tuple(window_strides or (1,) * len(spatial))
+        dilation = tuple(rhs_dilation or (1,) * len(spatial))
+        extent = [(w - 1) * d + 1 for w, d in zip(rhs.shape[:-2], dilation)]
+        pads = (jax.lax.padtype_to_pads(spatial, extent, strides, padding) if isinstance(padding, str)
+                else [tuple(p) for p in padding])
+        kernel = rhs.reshape(*rhs.shape[:-2], lhs.shape[-1], rhs.shape[-1] // lhs.shape[-1])
+        return slices.depthwise_conv(lhs, kernel, strides, pads, dilation)
     if not pointwise:
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)

@@ -33,6 +33,8 @@ from keras.src.layers import BatchNormalization
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 
+from fvis.models import slices
+
 
 def _per_dim(value, n):
     return (value,) * n if isinstance(value, int) else tuple(value)
@@ -141,12 +143,8 @@ _KERAS_CONV = keras_backend.nn.conv
 
 
 def depthwise_conv_by_slices(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
-    """`keras.ops.depthwise_conv` (JAX backend) as a sum of shifted, strided slices times the kernel's taps.
-
-    Each tap of the window multiplies one strided slice of the (padded) input by its
-    per-channel weights; the taps' products are summed. The forward pass and its
-    gradient (pads of the slices) are elementwise work XLA's CPU backend fuses, where
-    its grouped-convolution path for the input gradient is slow (experiments/results).
+    """`keras.ops.depthwise_conv` (JAX backend) as a sum of shifted, strided slices times the kernel's taps
+    (`fvis.models.slices.depthwise_conv`).
 
     Args:
         inputs: (N, *spatial, C) for channels_last, (N, C, *spatial) for channels_first.
@@ -154,8 +152,8 @@ def depthwise_conv_by_slices(inputs, kernel, strides=1, padding="valid", data_fo
         strides, padding, data_format, dilation_rate: as `keras.ops.depthwise_conv`.
 
     Returns:
-        (N, *out_spatial, C * multiplier) (channels_last; channel i * multiplier + m), equal
-        to Keras' result to float rounding (the taps are summed in another order).
+        Keras' result to float rounding (the taps are summed in another order): channel
+        i * multiplier + m.
     """
     channels_first = keras_backend.standardize_data_format(data_format) == "channels_first"
     x = keras_backend.convert_to_tensor(inputs)
@@ -164,20 +162,10 @@ def depthwise_conv_by_slices(inputs, kernel, strides=1, padding="valid", data_fo
     spatial, window = x.shape[1:-1], kernel.shape[:-2]
     strides, dilation = _per_dim(strides, len(spatial)), _per_dim(dilation_rate, len(spatial))
     extent = [(w - 1) * d + 1 for w, d in zip(window, dilation)]
-    if padding.lower() == "same":
-        x = jnp.pad(x, [(0, 0), *lax.padtype_to_pads(spatial, extent, strides, "SAME"), (0, 0)])
-    out = [(n - e) // s + 1 for n, e, s in zip(x.shape[1:-1], extent, strides)]
-    channels, multiplier = kernel.shape[-2:]
-    result = None
-    for offsets in itertools.product(*(range(w) for w in window)):
-        index = tuple(slice(o * d, o * d + (m - 1) * s + 1, s) for o, d, m, s in zip(offsets, dilation, out, strides))
-        part = x[(slice(None), *index, slice(None))]
-        tap = kernel[offsets]  # (C, multiplier)
-        term = part * tap[:, 0] if multiplier == 1 else (part[..., None] * tap).reshape(*part.shape[:-1], -1)
-        result = term if result is None else result + term
+    pads = (lax.padtype_to_pads(spatial, extent, strides, "SAME") if padding.lower() == "same"
+            else [(0, 0)] * len(spatial))
+    result = slices.depthwise_conv(x, kernel, strides, pads, dilation)
     return jnp.moveaxis(result, -1, 1) if channels_first else result
-
-
 
 
 @contextlib.contextmanager
