@@ -48,7 +48,26 @@ def to_host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units):
+def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units):
+    """Traces and lowers the optimisation of one chunk of `len(units)` units, without compiling.
+
+    Takes the arguments of `compile_chunk`. Returns {name: `jax.stages.Lowered`}: "scan" for
+    loop="scan"; "init", "step" and "finish" for loop="host".
+    """
+    replicated, by_unit = devices.shardings(mesh)
+    keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
+    jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
+    if check_loop(loop) == "scan":
+        run = render.scan_chunk(renderer, steps)
+        return {"scan": jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units)}
+    init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
+    state = jax.eval_shape(init, units)
+    step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
+    return {"init": init.lower(units), "step": step.lower(weights, state, units, np.int32(0)),
+            "finish": jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units)}
+
+
+def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, on_lowered=None):
     """Compiles the optimisation of one chunk of `len(units)` units.
 
     Args:
@@ -60,24 +79,21 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         seed: int, the job's seed.
         images_per_unit: D.
         weights, units: example arguments, as placed by `put` (shapes matter).
+        on_lowered: None, or a function called with `lower_chunk`'s dict before compiling
+            (to read the programs, e.g. `fvis.matmul_precision.in_program`).
 
     Returns:
         (`chunk(weights, units) -> fvis.render.Rendered` of global device arrays, its
         `fvis.memory.Estimate` per device or None where the backend reports none).
     """
-    replicated, by_unit = devices.shardings(mesh)
-    keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
-    jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
-    if check_loop(loop) == "scan":
-        run = render.scan_chunk(renderer, steps)
-        compiled = jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units).compile()
+    lowered = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed, images_per_unit=images_per_unit,
+                          weights=weights, units=units)
+    if on_lowered is not None:
+        on_lowered(lowered)
+    if loop == "scan":
+        compiled = lowered["scan"].compile()
         return compiled, memory.estimate(compiled)
-    init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
-    state = jax.eval_shape(init, units)
-    init = init.lower(units).compile()
-    step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
-    step = step.lower(weights, state, units, np.int32(0)).compile()
-    finish = jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units).compile()
+    init, step, finish = (lowered[name].compile() for name in ("init", "step", "finish"))
 
     def chunk(weights, units):
         state, curves, norms = init(units), [], []

@@ -327,7 +327,8 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     store = ChunkStore(folder, fingerprint(key))
     previous = read_json(Path(folder) / "results.json")
     result = job.run(store=store, progress=progress)
-    meta = {**meta, "units": [int(u) for u in result.units], "batch_size": job.batch_size,
+    meta = {**meta, "matmul_precision": _matmul_record(job, result, previous),
+            "units": [int(u) for u in result.units], "batch_size": job.batch_size,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
     sizes = np.concatenate([np.full(len(units), size) for (_, units), size in zip(job.chunks(), result.batch_sizes)])
@@ -342,6 +343,19 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
     facts = {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
              "chunks": {"total": len(job.chunks()), **store.stats()}, "memory": result.memory}
     return summary, facts
+
+
+def _matmul_record(job, result, previous):
+    """The job's matmul precision record (`fvis.Result.matmul_precision`) with its programs' dot and
+    convolution precisions: those compiled in this attempt; when every chunk was reused, those of
+    the results.json it resumes (same record), else the job's programs lowered anew."""
+    record = dict(result.matmul_precision)
+    if record.get("in_program") is None:
+        before = (previous or {}).get("matmul_precision")
+        same = isinstance(before, dict) and {k: v for k, v in before.items() if k != "in_program"} == \
+            {k: v for k, v in record.items() if k != "in_program"}
+        record["in_program"] = before["in_program"] if same and before.get("in_program") else job.program_precisions()
+    return record
 
 
 def _now():

@@ -146,7 +146,7 @@ def quality_step(quality, model, *, seed=0, progress="auto"):
         key = _quality_key(quality, natural, seed, job, result)
         figures = _previous_figures(previous, key, len(summary["filters"]))
         if figures is None:
-            with progress_lib.phase("measuring quality", log, progress=progress) as done:
+            with progress_lib.phase("measuring quality", log, progress=progress) as done, job.matmul_scope():
                 records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
                                                            dead=result.dead, natural=natural, draws=quality.draws,
                                                            seed=seed)
@@ -211,7 +211,7 @@ def _describe(objective, units, layers, param, transform, optimizer, settings, d
 def _meta(model, job, layer=None):
     layer = {} if layer is None else {"layer": layer}
     return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
-            "loop": job.loop, "precision": job.forward.rewrites.precision,
+            "loop": job.loop, "precision": job.forward.rewrites.precision, "matmul_precision": job.matmul_precision,
             "redirect_relu": job.forward.rewrites.redirect_relu, "model_facts": job.facts}
 
 

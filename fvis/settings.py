@@ -11,6 +11,7 @@ from typing import Optional, Union
 from fvis.chunks import check_loop
 from fvis.errors import InvalidValueError, check_positive_int, is_integer
 from fvis.images import DISPLAY_MODES
+from fvis.matmul_precision import check_matmul_precision
 from fvis.models.base import check_precision
 
 MAX_SEED = 2**32 - 1  # JAX's keys keep 32 bits of the seed (without jax_enable_x64): larger seeds repeat
@@ -39,7 +40,15 @@ class Settings:
             from Python), or "auto" (the backend's measured best for this kind of model,
             see `fvis.devices.auto_loop`).
         precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
-            objective and gradient stay float32; see `fvis.models.Rewrites`).
+            objective and gradient stay float32; see `fvis.models.Rewrites`): the dtype
+            the layers compute in.
+        matmul_precision: how float32 matmuls and convolutions are computed: "auto"
+            (JAX's own `jax_default_matmul_precision`; unset: the backend's default),
+            "default", "high" or "highest" (`jax.lax.Precision`), or JAX's aliases
+            "bfloat16", "tensorfloat32", "float32". On a CPU every level computes in
+            float32; on an Ampere+ GPU default and high use TensorFloat-32; on a TPU
+            default is one bfloat16 pass. What ran is recorded in results.json (see
+            `fvis.matmul_precision`).
         redirect_relu: the model's ReLUs pass gradient towards firing where they would
             pass none, so units dead on the start image still move (Lucid's redirected
             ReLU; same forward values; see `fvis.models.jax_rewrites`). Off in the
@@ -57,6 +66,7 @@ class Settings:
     seed: int = 0
     loop: str = "auto"
     precision: str = "float32"
+    matmul_precision: str = "auto"
     redirect_relu: bool = False
     snapshots: Optional[tuple] = ()
 
@@ -70,6 +80,7 @@ class Settings:
         if self.loop != "auto":
             check_loop(self.loop)
         check_precision(self.precision)
+        check_matmul_precision(self.matmul_precision)
         if not isinstance(self.redirect_relu, bool):
             raise InvalidValueError(f"redirect_relu must be true or false. Received: redirect_relu={self.redirect_relu!r}")
         set_("snapshots", check_snapshots(self.snapshots, self.steps))

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from fvis import chunks as chunks_lib, devices as devices_lib, memory
 from fvis import objectives as objectives_lib
-from fvis import optim, params as params_lib, transforms as transforms_lib
+from fvis import matmul_precision as matmul_lib, optim, params as params_lib, transforms as transforms_lib
 from fvis.errors import InvalidTypeError, InvalidValueError, NonFiniteError
 from fvis.models import Forward, Rewrites, as_vis_model
 from fvis.progress import PROGRESS, bar_shown, ticking
@@ -54,6 +54,10 @@ class Result:
             after running out of memory).
         memory: JSON-able facts of this run: XLA's estimate for a chunk and the budget
             it was checked against (bytes), and the chunks retried at a smaller batch size.
+        matmul_precision: what the job's float32 matmuls and convolutions ran in
+            (`Job.matmul_precision`), with "in_program": the precision each dot and
+            convolution of the compiled programs carried (`fvis.matmul_precision.in_program`),
+            None when no chunk was compiled in this run.
     """
 
     units: np.ndarray
@@ -68,6 +72,7 @@ class Result:
     optimize_s: float = 0.0
     batch_sizes: list = dataclasses.field(default_factory=list)
     memory: dict = dataclasses.field(default_factory=dict)
+    matmul_precision: dict = dataclasses.field(default_factory=dict)
 
     @property
     def dead(self):
@@ -103,6 +108,8 @@ class Job:
     facts: dict = dataclasses.field(default_factory=dict)
     snapshot_steps: tuple = ()
     auto_batch: bool = False  # batch_size was "auto": fitted to memory rather than refused
+    matmul_precision: dict = dataclasses.field(default_factory=lambda: matmul_lib.describe("auto"))
+    in_program: dict = None  # the compiled programs' dot and convolution precisions, once compiled
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
@@ -125,16 +132,37 @@ class Job:
         return chunk, seconds
 
     def compile_sized(self, weights, batch_size):
-        """Compiles the chunk function for `batch_size` units.
+        """Compiles the chunk function for `batch_size` units, under the job's matmul precision.
 
         Returns:
             (chunk, its `fvis.memory.Estimate` per device or None, seconds).
         """
         start = time.perf_counter()
-        chunk, estimate = chunks_lib.compile_chunk(
-            self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
-            images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1], batch_size))
+        with self.matmul_scope():
+            chunk, estimate = chunks_lib.compile_chunk(
+                self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
+                images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1], batch_size),
+                on_lowered=self._read_programs)
         return chunk, estimate, time.perf_counter() - start
+
+    def matmul_scope(self):
+        """The context under which the job's model is traced: float32 dots and convolutions at
+        `matmul_precision["level"]` (`jax.default_matmul_precision`)."""
+        return jax.default_matmul_precision(self.matmul_precision["level"])
+
+    def _read_programs(self, lowered):
+        self.in_program = matmul_lib.in_program(program.as_text() for program in lowered.values())
+
+    def program_precisions(self):
+        """The dot and convolution precisions of the job's programs (`fvis.matmul_precision.in_program`):
+        those compiled in this process, else the programs lowered (traced, not compiled) now."""
+        if self.in_program is None:
+            with self.matmul_scope():
+                self._read_programs(chunks_lib.lower_chunk(
+                    self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
+                    images_per_unit=self.images_per_unit, weights=self.placed_weights(),
+                    units=self._placed(self.units[:1])))
+        return self.in_program
 
     def smaller_batch(self, batch_size):
         """Half of `batch_size`, rounded up to a multiple of the device count; None if that is not smaller."""
@@ -184,8 +212,9 @@ class Job:
                     with ticking(bar) if first else contextlib.nullcontext():
                         rendered, size = runner.run(index, chunk_units)
                     if first:
-                        log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps)", self.objective.name,
-                                 runner.compile_s, size, self.steps)
+                        log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
+                                 "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
+                                 self.matmul_precision["effective"])
                     seconds = time.perf_counter() - start - (runner.compile_s - compile_before)
                     computed += 1
                     bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
@@ -206,7 +235,7 @@ class Job:
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
         return Result(self.units, *stacked, snapshot_steps=np.asarray(self.snapshot_steps, np.int32),
                       compile_s=runner.compile_s, optimize_s=runner.optimize_s, batch_sizes=sizes,
-                      memory=runner.report())
+                      memory=runner.report(), matmul_precision={**self.matmul_precision, "in_program": self.in_program})
 
     def _as_process_zero(self, rendered, size, count):
         """Multi-host: process 0's stored chunk (or None) on every process, so that all of them
@@ -352,7 +381,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         transform: `(key, image) -> image`; default none (the reference).
         optimizer: optax transformation; default `fvis.optim.normalized_ascent(10.0)`.
         settings: an `fvis.Settings` (steps, batch_size, images_per_unit, seed, loop,
-            precision); or give those as keyword arguments instead.
+            precision, matmul_precision, ...); or give those as keyword arguments instead.
         devices: the devices to shard units over; default all of `jax.devices()`.
         **kwargs: the fields of `fvis.Settings`, when `settings` is not given.
 
@@ -389,19 +418,21 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     batch_size = devices_lib.round_up(min(batch_size, len(units)), mesh.size)
     loop = devices_lib.auto_loop(model) if settings.loop == "auto" else settings.loop
     image_shape = (*model.image_size, model.channels)
-    objective = objective.bind(forward)  # a photo's activations, once (inversion, caricature)
+    matmul = matmul_lib.describe(settings.matmul_precision)  # the level resolved now, applied to every trace
+    with jax.default_matmul_precision(matmul["level"]):
+        objective = objective.bind(forward)  # a photo's activations, once (inversion, caricature)
     renderer = make_renderer(
         forward, objective, param=param or params_lib.pixel(), transform=transform or transforms_lib.identity(),
         optimizer=optimizer or optim.normalized_ascent(10.0), image_shape=image_shape,
         snapshot_steps=settings.snapshots)
     facts = forward.facts()
-    _log_facts(facts, rewrites)
+    _log_facts(facts, rewrites, matmul)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
                renderer, image_shape, loop, mesh, facts, settings.snapshots,
-               auto_batch=settings.batch_size == "auto")
+               auto_batch=settings.batch_size == "auto", matmul_precision=matmul)
 
 
-def _log_facts(facts, rewrites):
+def _log_facts(facts, rewrites, matmul):
     """Says in the log what the model computes where it differs from what a user may assume."""
     if facts["read_as_logits"]:
         log.info("Reading %s as logits: the softmax at the end is left out (probabilities saturate and depend "
@@ -415,6 +446,10 @@ def _log_facts(facts, rewrites):
     if rewrites.precision == "float32" and set(facts["compute_dtypes"]) - {"float32"}:
         log.warning("precision=float32, but the model computes in %s where its layers fix their own dtype.",
                     ", ".join(facts["compute_dtypes"]))
+    if matmul["effective"] != "float32":
+        log.info("matmul_precision=%s: float32 matmuls and convolutions compute in %s on %s (level %s); "
+                 "matmul_precision=highest for float32.", matmul["setting"], matmul["effective"], matmul["backend"],
+                 matmul["level"])
 
 
 def _settings(kwargs):
