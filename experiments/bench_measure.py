@@ -74,7 +74,8 @@ def steady_step(job, weights, repeats):
     units = job._placed(job.units[: job.batch_size])
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
     state = jax.jit(job.renderer.init)(units, keys)
-    step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
+    with job.matmul_scope():  # the job's matmul precision binds the compiled step as it binds the job's
+        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
     holder = [state]
 
     def call():

@@ -107,7 +107,8 @@ def compiled_step(job):
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
     state = jax.jit(job.renderer.init)(units, keys)
     weights = job.placed_weights()
-    step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
+    with job.matmul_scope():
+        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
     return step, weights, state, units
 
 
