@@ -5,9 +5,10 @@ Used by `python experiments/bench.py method=profile` (see bench.py) and by
 
 The step (one image, forward and backward to the layer, the optimizer update) is
 compiled on its own, as fvis' host loop runs it, and called under the profiler.
-Each XLA op event of the trace (summed over the CPU thread pool's threads, so
-"op-seconds", close to CPU time) is matched to its HLO instruction in the compiled
-module, whose metadata names the JAX primitive, the Keras layer it came from and
+Each XLA op event of the trace (one event per op, lasting as long as the op, its
+own worker threads included: the ops of a step run one after another, so their sum
+is the step's busy time and the rest of its wall time passes between ops) is
+matched to its HLO instruction in the compiled module, whose metadata names the JAX primitive, the Keras layer it came from and
 whether it belongs to the backward pass (`transpose(...)` in its name stack). From
 that the op is put in one category:
 
@@ -21,6 +22,7 @@ that the op is put in one category:
 """
 
 import collections
+import contextlib
 import glob
 import re
 import tempfile
@@ -107,7 +109,7 @@ def compiled_step(job):
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
     state = jax.jit(job.renderer.init)(units, keys)
     weights = job.placed_weights()
-    with job.matmul_scope():
+    with getattr(job, "matmul_scope", contextlib.nullcontext)():  # (absent from fvis before issue 15)
         step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
     return step, weights, state, units
 

@@ -91,13 +91,15 @@ def table(records, meta):
     categories = sorted({c for r in records for c in r["op_s_per_step"]},
                         key=lambda c: -max(r["op_s_per_step"].get(c, 0) for r in records))
     head = "| op-ms per step | " + " | ".join(f"{r['model']}<br>{r['variant']}" for r in records) + " |"
-    lines = [f"Machine: {meta['cpu']} ({meta['cpu_count']} cores), jax {meta['jax']}; op time summed over the "
-             f"thread pool's threads (close to CPU time), per step of one image.", "", head,
+    lines = [f"Machine: {meta['cpu']} ({meta['cpu_count']} cores), jax {meta['jax']}; each XLA op's traced "
+             f"duration (ops run one after another), milliseconds per step of one image.", "", head,
              "|---|" + "---|" * len(records)]
     for c in categories:
         lines.append(f"| {c} | " + " | ".join(f"{r['op_s_per_step'].get(c, 0) * 1e3:.1f}" for r in records) + " |")
     lines.append("| **all ops** | " + " | ".join(f"**{sum(r['op_s_per_step'].values()) * 1e3:.1f}**" for r in records)
                  + " |")
+    lines.append("| between ops (wall - all ops) | " + " | ".join(
+        f"{(r['wall_per_step_s'] - sum(r['op_s_per_step'].values())) * 1e3:.1f}" for r in records) + " |")
     lines.append("| wall ms per step (median) | " + " | ".join(f"{r['wall_per_step_s'] * 1e3:.1f}" for r in records)
                  + " |")
     lines.append("| GFLOP/s (XLA's count / wall) | " + " | ".join(
