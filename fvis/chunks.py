@@ -66,21 +66,25 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         `fvis.memory.Estimate` per device or None where the backend reports none).
     """
     replicated, by_unit = devices.shardings(mesh)
-    keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
+    # The seed is an argument, not a constant: jobs that differ only in their seed (a sweep) compile the
+    # same program, so the compilation cache serves all but the first. key(uint32 s) == key(int s).
+    seed = put(np.uint32(seed), replicated)
+    keys = lambda units, seed: render.image_keys(jax.random.key(seed), units, images_per_unit)
     jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        compiled = jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units).compile()
-        return compiled, memory.estimate(compiled)
-    init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
-    state = jax.eval_shape(init, units)
-    init = init.lower(units).compile()
+        compiled = jit(lambda w, u, s: run(w, u, keys(u, s)), (replicated, by_unit, replicated))
+        compiled = compiled.lower(weights, units, seed).compile()
+        return (lambda weights, units: compiled(weights, units, seed)), memory.estimate(compiled)
+    init = jit(lambda u, s: renderer.init(u, keys(u, s)), (by_unit, replicated))
+    state = jax.eval_shape(init, units, seed)
+    init = init.lower(units, seed).compile()
     step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
     step = step.lower(weights, state, units, np.int32(0)).compile()
     finish = jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units).compile()
 
     def chunk(weights, units):
-        state, curves, norms = init(units), [], []
+        state, curves, norms = init(units, seed), [], []
         for i in range(steps):
             state, (values, grad_norms) = step(weights, state, units, np.int32(i))
             curves.append(values)
