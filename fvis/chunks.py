@@ -51,20 +51,27 @@ def to_host(tree):
 def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units):
     """Traces and lowers the optimisation of one chunk of `len(units)` units, without compiling.
 
-    Takes the arguments of `compile_chunk`. Returns {name: `jax.stages.Lowered`}: "scan" for
-    loop="scan"; "init", "step" and "finish" for loop="host".
+    Takes the arguments of `compile_chunk`. The seed is an argument of the programs, not a
+    constant: jobs that differ only in their seed (a sweep) compile the same programs, so the
+    compilation cache serves all but the first (key(uint32 s) == key(int s)).
+
+    Returns:
+        ({name: `jax.stages.Lowered`}: "scan" for loop="scan"; "init", "step" and "finish" for
+        loop="host"; the seed placed on the devices, the programs' last argument).
     """
     replicated, by_unit = devices.shardings(mesh)
-    keys = lambda units: render.image_keys(jax.random.key(seed), units, images_per_unit)
+    seed = put(np.uint32(seed), replicated)
+    keys = lambda units, seed: render.image_keys(jax.random.key(seed), units, images_per_unit)
     jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        return {"scan": jit(lambda w, u: run(w, u, keys(u)), (replicated, by_unit)).lower(weights, units)}
-    init = jit(lambda u: renderer.init(u, keys(u)), (by_unit,))
-    state = jax.eval_shape(init, units)
+        scan = jit(lambda w, u, s: run(w, u, keys(u, s)), (replicated, by_unit, replicated))
+        return {"scan": scan.lower(weights, units, seed)}, seed
+    init = jit(lambda u, s: renderer.init(u, keys(u, s)), (by_unit, replicated))
+    state = jax.eval_shape(init, units, seed)
     step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
-    return {"init": init.lower(units), "step": step.lower(weights, state, units, np.int32(0)),
-            "finish": jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units)}
+    return {"init": init.lower(units, seed), "step": step.lower(weights, state, units, np.int32(0)),
+            "finish": jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units)}, seed
 
 
 def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, on_lowered=None):
@@ -86,17 +93,17 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         (`chunk(weights, units) -> fvis.render.Rendered` of global device arrays, its
         `fvis.memory.Estimate` per device or None where the backend reports none).
     """
-    lowered = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed, images_per_unit=images_per_unit,
-                          weights=weights, units=units)
+    lowered, seed = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed,
+                                images_per_unit=images_per_unit, weights=weights, units=units)
     if on_lowered is not None:
         on_lowered(lowered)
     if loop == "scan":
         compiled = lowered["scan"].compile()
-        return compiled, memory.estimate(compiled)
+        return (lambda weights, units: compiled(weights, units, seed)), memory.estimate(compiled)
     init, step, finish = (lowered[name].compile() for name in ("init", "step", "finish"))
 
     def chunk(weights, units):
-        state, curves, norms = init(units), [], []
+        state, curves, norms = init(units, seed), [], []
         for i in range(steps):
             state, (values, grad_norms) = step(weights, state, units, np.int32(i))
             curves.append(values)

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import hashlib
 import inspect
+import json
 import logging
 import os
 import platform
@@ -27,6 +28,7 @@ from importlib import resources
 from pathlib import Path
 
 import hydra
+import numpy as np
 from tqdm.auto import tqdm
 from hydra.core.hydra_config import HydraConfig
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -240,8 +242,10 @@ def _run(cfg, out_dir, record, *, quality_enabled=None):
     preset = _preset()
     log.info("job: %s -> %s", _job_line(cfg, preset), out_dir)
     with progress.phase("building the model", log) as done:
-        model = _instantiate(cfg.model, image_size=None if cfg.image_size is None else tuple(cfg.image_size))
-        done("model %s built (%dx%d)", model.name, *model.image_size)
+        model, reused = _model(cfg)
+        done("model %s %s (%dx%d)", model.name, "reused from the previous job" if reused else "built",
+             *model.image_size)
+    record["model_reused"] = reused
     record["timings"] = {"load_model_s": time.perf_counter() - start}
     resolved = OmegaConf.to_container(cfg, resolve=True)  # after the model: it reports its own ??? keys first
     if preset is not None:  # recorded in results.json (and the report); absent for the reference
@@ -256,6 +260,62 @@ def _run(cfg, out_dir, record, *, quality_enabled=None):
                            quality=quality, config=resolved, attempt=record)
     record["timings"]["total_s"] = time.perf_counter() - start
     return outcome.results, record
+
+
+_LAST_MODEL = {}  # this process' last Keras model built from a config: key, model, digest of its variables
+
+
+def _model(cfg):
+    """(the job's model, whether it is the previous job's): a sweep's jobs in one process (Hydra's basic
+    launcher) share the model when its config, image size and the files it names are the same, and its
+    variables still hold what they held when it was built (fvis never writes them; a changed model is
+    built again). Only Keras models are kept, one at a time."""
+    image_size = None if cfg.image_size is None else tuple(cfg.image_size)
+    key = _model_key(cfg.model, image_size)
+    if key is not None and _LAST_MODEL.get("key") == key and _variables_digest(_LAST_MODEL["model"]) == \
+            _LAST_MODEL["digest"]:
+        return _LAST_MODEL["model"], True
+    _LAST_MODEL.clear()  # the previous model goes before the next one is built
+    model = _instantiate(cfg.model, image_size=image_size)
+    if key is not None and isinstance(model, fvis.models.KerasModel):
+        _LAST_MODEL.update(key=key, model=model, digest=_variables_digest(model))
+    return model, False
+
+
+def _model_key(node, image_size):
+    """The model config and image size as a string, with the SHA-256 of each file the config names; None
+    when it cannot be resolved (instantiating it reports why)."""
+    try:
+        values = OmegaConf.to_container(node, resolve=True)
+    except OmegaConfBaseException:
+        return None
+    files = {}
+    for value in _leaves(values):
+        try:
+            path = Path(value).expanduser()
+            if path.is_file():  # regular files only
+                files[value] = hashlib.sha256(path.read_bytes()).hexdigest()
+        except (TypeError, ValueError, OSError):  # not a path, or not readable
+            continue
+    return json.dumps([values, image_size, files], sort_keys=True, default=str)
+
+
+def _leaves(value):
+    if isinstance(value, dict):
+        return [leaf for v in value.values() for leaf in _leaves(v)]
+    if isinstance(value, list):
+        return [leaf for v in value for leaf in _leaves(v)]
+    return [value]
+
+
+def _variables_digest(model):
+    """SHA-256 of every variable of a `KerasModel`'s Keras model (path, dtype, shape, values)."""
+    digest = hashlib.sha256()
+    for variable in model.model.variables:
+        value = np.asarray(variable.value)
+        digest.update(f"{variable.path}{value.dtype}{value.shape}".encode())
+        digest.update(np.ascontiguousarray(value).tobytes())
+    return digest.hexdigest()
 
 
 def _objective(cfg, layers):

@@ -161,7 +161,7 @@ class Job:
                 self._read_programs(chunks_lib.lower_chunk(
                     self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
                     images_per_unit=self.images_per_unit, weights=self.placed_weights(),
-                    units=self._placed(self.units[:1])))
+                    units=self._placed(self.units[:1]))[0])
         return self.in_program
 
     def smaller_batch(self, batch_size):

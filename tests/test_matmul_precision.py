@@ -33,7 +33,11 @@ def compiled_programs(monkeypatch):
             texts.append(compiled.as_text())
             return compiled
 
-    monkeypatch.setattr(chunks, "lower_chunk", lambda *a, **k: {n: Spied(p) for n, p in real(*a, **k).items()})
+    def spied(*args, **kwargs):
+        lowered, seed = real(*args, **kwargs)
+        return {name: Spied(program) for name, program in lowered.items()}, seed
+
+    monkeypatch.setattr(chunks, "lower_chunk", spied)
     return texts
 
 

@@ -47,7 +47,7 @@ def test_estimate_holds_the_arguments_and_outputs_exactly_and_grows_linearly_wit
     weight_bytes = sum(np.asarray(w).nbytes for w in jax.tree.leaves(job.forward.weights()))
     one, two, four = (chunk_estimate(job, b) for b in (1, 2, 4))
     for b, estimate in ((1, one), (2, two), (4, four)):
-        assert estimate.arguments == weight_bytes + 4 * b                                   # + int32 units
+        assert estimate.arguments == weight_bytes + 4 * b + 4                    # + int32 units + uint32 seed
         # float32 images, curves, final values, gradient norms, transparency; + XLA's tuple of 6 pointers
         assert estimate.outputs == 4 * b * (size * size * 3 + steps + 1 + steps + size * size) + 6 * 8
         assert estimate.total == estimate.arguments + estimate.outputs + estimate.temporaries - estimate.aliased

@@ -10,6 +10,7 @@ test convnet, or any Functional/Sequential model (`wrap`).
 import contextlib
 import importlib
 import io
+import logging
 import os
 import re
 import socket
@@ -23,7 +24,7 @@ import numpy as np
 
 from fvis.errors import (InvalidTypeError, InvalidValueError, MissingFileError, UnknownNameError,
                          WeightsUnavailableError, did_you_mean)
-from fvis.models import keras_layers, keras_ops, keras_zoo
+from fvis.models import keras_init, keras_layers, keras_ops, keras_zoo
 from fvis.models.base import (CHANNELS_HINT, VisModel, check_channels, check_image_size, check_input_space)
 
 # keras.applications constructor -> input space (from each module's preprocess_input).
@@ -39,6 +40,8 @@ _APPLICATION_SPACES = {
 }
 
 _DOWNLOAD_TIMEOUT_S = 10.0
+
+log = logging.getLogger(__name__)
 
 # Rewrites.precision -> the Keras dtype policy of the model's layers while fvis calls them
 # (float32 also for a model built under mixed_float16: float32 means float32).
@@ -333,10 +336,30 @@ def keras_application(name, *, weights="imagenet", image_size=(180, 180), includ
                                    f".weights.h5/.h5 file, 'imagenet' or null. Received: weights='{weights}'")
     if include_top:
         kwargs.setdefault("classifier_activation", None)
-    model = _build_application(name, None if local else weights, include_top, image_size, kwargs)
-    if local:
-        _load_local_weights(model, weights, name, kwargs)
+    with _initial_values(overwritten=weights is not None, name=name):
+        model = _build_application(name, None if local else weights, include_top, image_size, kwargs)
+        if local:
+            _load_local_weights(model, weights, name, kwargs)
     return KerasModel(model, space, image_size, name)
+
+
+@contextlib.contextmanager
+def _initial_values(*, overwritten, name):
+    """Builds a Keras model without compiling its initializers (see `fvis.models.keras_init`).
+
+    overwritten=True: the block also loads the weights, so variables start as host zeros; any
+    variable the load left alone then gets Keras' initial value (logged). False: the initial
+    values are the weights, drawn on the host from Keras' own distributions.
+    """
+    if not overwritten:
+        with keras_init.host_initial_values():
+            yield
+        return
+    with keras_init.skipped_initial_values() as skipped:
+        yield
+    if skipped.refilled:
+        log.info("%s: %d variables not in the weights keep Keras' initial values (%s)", name,
+                 len(skipped.refilled), ", ".join(skipped.refilled[:3]) + (", ..." if len(skipped.refilled) > 3 else ""))
 
 
 def _first_line(exc):
@@ -428,8 +451,10 @@ def efficientnet_lite0(*, image_size=(180, 180)):
     if h < 32 or w < 32:
         raise InvalidValueError(f"EfficientNet-Lite0 needs images of at least 32x32. "
                                 f"Received: image_size={[h, w]}")
-    model = keras_zoo.build_efficientnet_lite0((h, w, 3), include_top=True)
-    model.load_weights(keras_zoo.efficientnet_lite0_weights())
+    weights = keras_zoo.efficientnet_lite0_weights()
+    with _initial_values(overwritten=True, name="efficientnet_lite0"):
+        model = keras_zoo.build_efficientnet_lite0((h, w, 3), include_top=True)
+        model.load_weights(weights)
     return KerasModel(model, "raw255", (h, w), "efficientnet_lite0")
 
 
@@ -468,7 +493,8 @@ def saved_model(path, *, input_space="tf", image_size=None, custom_objects=None,
     objects = {name: _import_object(value) if isinstance(value, str) else value
                for name, value in dict(custom_objects or {}).items()}
     try:
-        model = keras.saving.load_model(path, compile=False, custom_objects=objects, safe_mode=safe_mode)
+        with _initial_values(overwritten=True, name=path.name):
+            model = keras.saving.load_model(path, compile=False, custom_objects=objects, safe_mode=safe_mode)
     except Exception as e:
         raise InvalidValueError(_load_error(path, e, safe_mode)) from e
     return wrap(model, input_space=input_space, image_size=image_size, name=path.stem)
