@@ -22,31 +22,31 @@ from fvis.errors import InvalidValueError
 UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
 # Defaults per backend, chosen from experiments/results (see its README): units per
-# compiled chunk (at most), the loop form, and the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops).
+# compiled chunk (at most), the loop form, the CPU-friendly pooling, 1x1 and depthwise convolutions
+# (`Rewrites.cpu_ops`) and batch norms folded into convolutions (`Rewrites.fold_batchnorm`).
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": False},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": True},
     "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False},
     "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False},
 }
 
 
 def auto_loop(model, platform=None):
-    """The loop form for loop="auto": the backend's `AUTO` row, refined by the model on CPU.
+    """The loop form for loop="auto": the backend's `AUTO` row.
 
     On CPU a step compiled on its own ("host") beat the same step inside `lax.scan` for
-    ResNet50V2 (1.46x), but ran 2.2-2.8x slower for EfficientNet-Lite0 and MobileNet, whose
-    depthwise convolutions' gradients XLA's CPU backend runs slowly outside a loop
-    (experiments/results/loop_by_model.json). So CPU jobs on models with grouped
-    convolutions use "scan".
+    ResNet50V2 (1.46x). EfficientNet-Lite0 and MobileNet once ran 2.2-2.8x faster in
+    "scan", because XLA's CPU backend ran their depthwise convolutions' input gradients
+    slowly outside a loop; with those convolutions as slices and their batch norms folded
+    (`cpu_ops`, `fold_batchnorm`) "host" is as fast or faster for all three
+    (experiments/results/loop_by_model.json).
 
     Args:
-        model: the `fvis.models.VisModel` being visualized.
+        model: the `fvis.models.VisModel` being visualized (kept for model-specific rules).
         platform: "cpu", "gpu" or "tpu"; default JAX's backend.
     """
-    platform = platform or jax.default_backend()
-    loop = auto_setting("loop", platform)
-    return "scan" if platform == "cpu" and model.has_grouped_convolutions else loop
+    return auto_setting("loop", platform)
 
 
 def unit_mesh(devices=None):
