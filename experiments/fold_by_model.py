@@ -1,0 +1,55 @@
+"""Batch norms folded into convolutions, and the loop form, per model on CPU (issue 15).
+
+    python experiments/fold_by_model.py      # ~5 min on 2 CPU cores -> experiments/results/fold_by_model.json
+
+Each model's job (1 unit per chunk, the CPU rewrites on) runs with fold_batchnorm off and on, in
+both loop forms, alternating, three rounds in one process; the first round (compilation
+warm-up) is dropped. This is the measurement behind `fvis.devices.AUTO["cpu"]`'s
+"fold_batchnorm" and "loop".
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import fvis
+from fvis import devices
+
+ROOT = Path(__file__).resolve().parents[1]
+JOBS = {  # name: (model factory, layer, units, steps)
+    "ResNet50V2 (random weights), conv3_block4_out, 180x180": (
+        lambda: fvis.models.keras_application("ResNet50V2", weights=None, image_size=(180, 180)), "conv3_block4_out",
+        "0:3", 8),
+    "EfficientNet-Lite0, block4c_add, 180x180": (
+        lambda: fvis.models.efficientnet_lite0(image_size=(180, 180)), "block4c_add", "0:6", 10),
+    "MobileNet 0.25 (random weights), conv_pw_5_relu, 224x224": (
+        lambda: fvis.models.keras_application("MobileNet", weights=None, image_size=(224, 224), alpha=0.25),
+        "conv_pw_5_relu", "0:6", 10),
+}
+
+
+def main():
+    rows = []
+    for name, (make, layer, units, steps) in JOBS.items():
+        model = make()
+        for round_ in (1, 2, 3):
+            for loop in ("host", "scan"):
+                for fold in (False, True):
+                    devices.AUTO["cpu"]["fold_batchnorm"] = fold
+                    cpu = time.process_time()
+                    result = fvis.visualize(model, layer, units, steps=steps, batch_size=1, loop=loop, progress=False)
+                    if round_ == 1:
+                        continue
+                    rows.append({"job": name, "round": round_, "loop": loop, "fold_batchnorm": fold,
+                                 "ms_per_image_step": 1000 * result.optimize_s / (result.final.size * steps),
+                                 "process_cpu_s": time.process_time() - cpu, "load_1min": os.getloadavg()[0]})
+                    print(rows[-1], flush=True)
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "experiments" / "results" / "fold_by_model.json"
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
