@@ -259,12 +259,12 @@ def test_resumed_job_recomputes_after_a_seed_or_steps_change_and_reuses_all_when
 # --- the presets hold the values their documentation states ---
 
 DOCUMENTED = {  # file -> phrases that state the values the tests below check
-    "README.md": ["experiment=lucid   # Fourier + decorrelated colour, transforms, Adam 0.05, 512 steps",
+    "README.md": ["experiment=lucid   # Fourier (1/f**1.25) + decorrelated colour, transforms, Adam 0.05, 256 steps",
                   "experiment=maco    # MaCo: fixed 1/f magnitude, optimise the phase; 256 steps",
                   "`standard` (Lucid's pad 12, jitter 8, scale 0.9-1.1, rotate ±10°, jitter 4)",
                   "`seed` (the reference, same as `null`)"],
-    "conf/experiment/lucid.yaml": ["Fourier parameterization with 1/f scaling and decorrelated colour",
-                                   "the standard transforms, Adam at lr 0.05, 512 steps"],
+    "conf/experiment/lucid.yaml": ["Fourier parameterization with 1/f**1.25 scaling and decorrelated colour",
+                                   "the standard\n# transforms, Adam at lr 0.05, 256 steps"],
     "conf/experiment/maco.yaml": ["NAdam, 256 steps, random crops, Gaussian + uniform noise of 0.08",
                                   "crops of\n# 70-100 % of the image", "lr 0.05 instead of 1.0"],
     "conf/experiment/seed.yaml": ["pixels, no transforms, L2-normalised\n# gradient ascent, lr 10, 30 steps"],
@@ -301,10 +301,10 @@ COLOR = np.array([[0.26, 0.09, 0.02], [0.27, 0.00, -0.05], [0.27, -0.09, 0.03]])
 COLOR = COLOR / np.linalg.norm(COLOR, axis=0).max()
 
 
-def inverse_frequency(h, w):
-    """1 / f per FFT bin, f in cycles per pixel, capped at the image's lowest frequency (the 1/f law)."""
+def inverse_frequency(h, w, power=1.0):
+    """1 / f**power per FFT bin, f in cycles per pixel, capped at the image's lowest frequency (the 1/f law)."""
     f = np.sqrt(np.fft.fftfreq(h)[:, None] ** 2 + np.fft.fftfreq(w)[None, :] ** 2)
-    return 1.0 / np.maximum(f, 1.0 / max(h, w))
+    return 1.0 / np.maximum(f, 1.0 / max(h, w)) ** power
 
 
 def assert_same_draws(transform, documented, image, draws=4):
@@ -316,23 +316,23 @@ def assert_same_draws(transform, documented, image, draws=4):
     np.testing.assert_array_equal(got, apply(documented))
 
 
-def fourier_image(p, decorrelate):
-    """Fourier + decorrelated colour restated in numpy: (2, H, W, 3) spectrum -> image in [-1, 1]."""
-    spectrum = (p[0] + 1j * p[1]) * inverse_frequency(*p.shape[1:3])[..., None]
+def fourier_image(p, decorrelate, power=1.0):
+    """Fourier (1/f**power) + decorrelated colour restated in numpy: (2, H, W, 3) spectrum -> image in [-1, 1]."""
+    spectrum = (p[0] + 1j * p[1]) * inverse_frequency(*p.shape[1:3], power)[..., None]
     x = np.real(np.fft.ifft2(spectrum, axes=(0, 1), norm="ortho")) / 4.0
     x = x @ COLOR.T if decorrelate else x
     return 2.0 / (1.0 + np.exp(-x)) - 1.0
 
 
-def test_lucid_preset_is_fourier_decorrelated_standard_transforms_adam_005_512_steps():
-    """lucid: Fourier + decorrelated colour, the standard transforms, Adam 0.05, 512 steps, clip display."""
+def test_lucid_preset_is_fourier_1_25_decorrelated_standard_transforms_adam_005_256_steps():
+    """lucid: Fourier (1/f**1.25) + decorrelated colour, the standard transforms, Adam 0.05, 256 steps, clip."""
     cfg = preset("lucid")
-    assert cfg.steps == 512 and cfg.display.mode == "clip" and cfg.redirect_relu is True
+    assert cfg.steps == 256 and cfg.display.mode == "clip" and cfg.redirect_relu is True
     param, key = instantiate(cfg.param), jax.random.key(3)
     start = np.asarray(param.init(key, (16, 12, 3)))
     np.testing.assert_array_equal(start, 0.01 * np.asarray(jax.random.normal(key, (2, 16, 12, 3))))
     p = np.asarray(jax.random.normal(jax.random.key(4), (2, 16, 12, 3)))
-    np.testing.assert_allclose(param.to_image(p), fourier_image(p, decorrelate=True), atol=1e-5)
+    np.testing.assert_allclose(param.to_image(p), fourier_image(p, decorrelate=True, power=1.25), atol=1e-5)
     assert np.max(np.abs(fourier_image(p, True) - fourier_image(p, False))) > 1e-2  # colour matters here
     for got, want in zip(updates(instantiate(cfg.optimizer), GRADS, PARAMS), updates(optax.adam(0.05), GRADS, PARAMS)):
         np.testing.assert_allclose(got, want, rtol=1e-6)

@@ -25,7 +25,7 @@ MOBILENET_WEIGHTS = ("weights", "mobilenet_0.25_224.weights.h5")  # under ../sha
 # The presets, as the experiment configs set them (conf/experiment/*.yaml), with fewer steps.
 PRESETS = {
     "seed": lambda: dict(param=params.pixel(), transform=None, optimizer=optim.normalized_ascent(10.0)),
-    "lucid": lambda: dict(param=params.fourier(), transform=transforms.standard(), optimizer=optax.adam(0.05),
+    "lucid": lambda: dict(param=params.fourier(decay_power=1.25), transform=transforms.standard(), optimizer=optax.adam(0.05),
                           redirect_relu=True),
 }
 
