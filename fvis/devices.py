@@ -22,12 +22,13 @@ from fvis.errors import InvalidValueError
 UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
 # Defaults per backend, chosen from experiments/results (see its README): units per
-# compiled chunk (at most), the loop form, and the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops).
+# compiled chunk (at most), the loop form, the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops), and
+# the images per compiled call of the quality report's forwards (fvis.quality; "The quality report's cost").
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True},
-    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
-    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "quality_batch_size": 2},
+    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16},
+    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16},
 }
 
 
