@@ -23,8 +23,8 @@ failure in every summary figure: not ranked first, robustness 0, spectral slope 
 
 Everything runs in JAX: jitted, the model weights as arguments, images in fixed-size
 batches of the backend's measured size (`fvis.devices.AUTO`), one compilation per
-measurement: one model program for the images and photos as they are (one forward per
-image serves every unit) and one for the robustness draws.
+job: one model program serves the images and photos as they are (one forward per image
+for every unit) and the robustness draws.
 """
 
 import math
@@ -65,39 +65,34 @@ def _values(forward, objective, weights, image, units):
     return jax.vmap(lambda unit: objective(acts, unit))(units)
 
 
-def values_function(forward, objective):
-    """The compiled objective of a batch of images for a set of units (one forward per image).
+def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0):
+    """The quality report's one model program: the objective for a set of units on a
+    batch of images, each as it is or after one robustness draw (one forward per image).
 
-    Build it once per job and pass it around: each call with the same shapes reuses
-    its compilation (the units are an argument, so the job's images and the photos
-    share it).
-
-    Returns:
-        jitted `(weights, images (B, H, W, C) float32, units (U,) int32) -> (B, U) float32`.
-    """
-    one = lambda w, x, units: _values(forward, objective, w, x, units)
-    return jax.jit(jax.vmap(one, (None, 0, None)))
-
-
-def moved_values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0):
-    """The compiled objective of ONE unit per image, after the robustness draw `draw`.
-
-    Draw d of image i is the transform (jitter +-`jitter` px, then rescaling by 1 +-
-    `scale`) keyed by `split(fold_in(key(seed), i), draws)[d]`; d < 0 keeps the image as
-    it is. One forward per row, so rows of any images and draws batch together.
+    Draw d >= 0 of image i is the transform (jitter +-`jitter` px, then rescaling by
+    1 +- `scale`) keyed by `split(fold_in(key(seed), i), draws)[d]`; d < 0 keeps the
+    image as it is. Build it once per job and pass it to `unit_values` and `robustness`:
+    each call with the same shapes reuses its compilation (units, indices and draws are
+    arguments, so the job's images, its photos and the draws share it).
 
     Returns:
-        jitted `(weights, images (B, H, W, C) float32, units (B,) int32, index (B,) int32,
-        draw (B,) int32) -> (B,) float32`.
+        jitted `(weights, images (B, H, W, C) float32, units (U,) int32, index (B,) int32,
+        draw (B,) int32) -> (B, U) float32`.
     """
     move = transforms.compose([transforms.jitter(jitter), transforms.random_scale((1 - scale, 1 + scale))])
 
-    def one(w, image, unit, index, draw):
+    def quality_values(w, image, units, index, draw):
         keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), draws)
         x = jnp.where(draw >= 0, move(keys[jnp.maximum(draw, 0)], image), image)
-        return _values(forward, objective, w, x, unit[None])[0]
+        return _values(forward, objective, w, x, units)
 
-    return jax.jit(jax.vmap(one, (None, 0, 0, 0, 0)))
+    return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)))
+
+
+def _rows(function, weights, images, units, index, draw, batch_size):
+    """`function` on the rows (images[index[r]], draw[r]) in batches, the images gathered per batch
+    (a job's images times its draws would not fit in memory): (R, U) float32."""
+    return map_batches(lambda i, d: function(weights, images[i], units, i, d), [index, draw], batch_size)
 
 
 def unit_values(forward, objective, images, units, *, batch_size=None, function=None):
@@ -105,12 +100,12 @@ def unit_values(forward, objective, images, units, *, batch_size=None, function=
 
     Args:
         batch_size: images per compiled call; default the backend's (`default_batch_size`).
-        function: a `values_function(forward, objective)` to reuse; default a new one.
+        function: the job's `values_function` to reuse; default a new one.
     """
     function = function or values_function(forward, objective)
-    weights, units = forward.weights(), jnp.asarray(units, jnp.int32)
-    return map_batches(lambda x: function(weights, x, units), [np.asarray(images, np.float32)],
-                       default_batch_size(batch_size))
+    index = np.arange(len(images), dtype=np.int32)
+    return _rows(function, forward.weights(), np.asarray(images, np.float32), jnp.asarray(units, jnp.int32), index,
+                 np.full_like(index, -1), default_batch_size(batch_size))
 
 
 def selectivity_ranks(values, own):
@@ -132,7 +127,7 @@ def selectivity_ranks(values, own):
 
 
 def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.1, seed=0, batch_size=None,
-               base=None, function=None):
+               base=None, function=None, unit_set=None):
     """Median over `draws` of objective(transformed image) / objective(image).
 
     Args:
@@ -142,28 +137,31 @@ def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.
         batch_size: forwards (image-draw pairs) per compiled call; default the backend's.
         base: optional (M,) float32, the objective of each image as is (e.g. from
             `unit_values`); computed here when None.
-        function: a `moved_values_function` built with the same settings, to reuse.
+        function: a `values_function` built with the same draws, jitter, scale and
+            seed, to reuse; unit_set: (U,) int, the units to pass it (default the distinct
+            `units`; the job's units reuse the compilation of `unit_values`).
 
     Returns:
         (M,) float64; NaN where the objective as is is <= 0 (no meaningful fraction;
         its draws are not computed). Image i's draws come from `fold_in(key(seed), i)`.
     """
-    function = function or moved_values_function(forward, objective, draws=draws, jitter=jitter, scale=scale,
-                                                 seed=seed)
+    function = function or values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
     weights, batch_size = forward.weights(), default_batch_size(batch_size)
     images, units = np.asarray(images, np.float32), np.asarray(units, np.int32)
+    unit_set = np.unique(units) if unit_set is None else np.asarray(unit_set, np.int32)
+    column = {int(u): c for c, u in enumerate(unit_set)}
+    own = np.array([column[int(u)] for u in units], np.int64)
     index = np.arange(len(images), dtype=np.int32)
-    # rows (image i, draw d), the images gathered per batch: M * draws images would not fit in memory
-    rows = lambda i, d: map_batches(lambda k, j: function(weights, images[k], units[k], k, j), [i, d], batch_size)
     if base is None:
-        base = rows(index, np.full(len(images), -1, np.int32))
+        base = _rows(function, weights, images, unit_set, index, np.full_like(index, -1), batch_size)[index, own]
     base = np.asarray(base, np.float32)
     out = np.full(len(images), np.nan)
     live = index[base > 0]
     if len(live):
-        pairs = np.repeat(live, draws), np.tile(np.arange(draws, dtype=np.int32), len(live))
-        moved = rows(*pairs).reshape(len(live), draws)
-        out[live] = np.asarray(jnp.median(moved / base[live, None], axis=1), np.float64)
+        rows = np.repeat(live, draws)
+        moved = _rows(function, weights, images, unit_set, rows, np.tile(np.arange(draws, dtype=np.int32), len(live)),
+                      batch_size)[np.arange(len(rows)), own[rows]]
+        out[live] = np.median(moved.reshape(len(live), draws) / base[live, None], axis=1)
     return out
 
 
@@ -235,9 +233,8 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     """The quality report of a job's images.
 
     Each image goes once through the model for all units (activation, selectivity, the
-    base of robustness, and likewise each photo), and once per robustness draw; the
-    two model programs are compiled once per call (see `values_function`,
-    `moved_values_function`).
+    base of robustness, and likewise each photo), and once per robustness draw, in one
+    model program compiled once per call (`values_function`).
 
     Args:
         forward: the job's `fvis.models.Forward` (`job.forward`).
@@ -261,7 +258,7 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     units, images = np.asarray(units), np.asarray(images, np.float32)
     n, d = images.shape[:2]
     flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
-    values_fn = values_function(forward, objective)
+    values_fn = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
     values = unit_values(forward, objective, flat, units, batch_size=batch_size, function=values_fn)
     activation = values[np.arange(n * d), own]
     never_moved = np.zeros(n * d, bool) if dead is None else np.asarray(dead, bool).reshape(n * d)
@@ -269,7 +266,7 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     takes_units = objective.num_units(forward.shapes()) is not None
     ranks = selectivity_ranks(values, own) if takes_units else [None] * (n * d)
     robust = robustness(forward, objective, flat, units[own], draws=draws, jitter=jitter, scale=scale, seed=seed,
-                        batch_size=batch_size, base=activation)
+                        batch_size=batch_size, base=activation, function=values_fn, unit_set=units)
     slopes = spectral_slopes(flat)
     records = [{"activation": _finite(a), "selectivity_rank": None if r is None else int(r),
                 "robustness": _finite(b), "spectral_slope": _finite(s), "failed": bool(f)}
