@@ -99,18 +99,17 @@ def batch_study(job, images, sizes, rounds=2, count=32):
     `count` of the job's images; on a shared machine the CPU seconds are the figure to compare.
     """
     fn = quality.values_function(job.forward, job.objective)
-    weights = job.forward.weights()
-    units = np.asarray(job.units, np.int32)
+    values = lambda x, size: quality.unit_values(job.forward, job.objective, x, job.units, batch_size=size, function=fn)
     compile_s = {}
     for size in sizes:
         start = time.perf_counter()
-        np.asarray(fn(weights, images[:size], units))
+        values(images[:size], size)
         compile_s[size] = round(time.perf_counter() - start, 3)
     rows = []
     for round_ in range(1, rounds + 1):
         for size in sizes:
             start, cpu = time.perf_counter(), time.process_time()
-            quality.map_batches(lambda x: fn(weights, x, units), [images[:count]], size)
+            values(images[:count], size)
             rows.append({"batch": size, "round": round_, "first_call_s": compile_s[size],
                          "wall_ms_per_image": round(1000 * (time.perf_counter() - start) / count, 2),
                          "cpu_ms_per_image": round(1000 * (time.process_time() - cpu) / count, 2)})
