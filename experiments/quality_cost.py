@@ -32,7 +32,7 @@ import fvis  # noqa: F401  (sets the Keras backend)
 import jax
 import numpy as np
 
-from fvis import quality
+from fvis import devices, quality
 
 ROOT = Path(__file__).resolve().parents[1]
 BEFORE_REV = "38c40ba"  # main before the quality-cost change
@@ -92,28 +92,34 @@ def timed(module, call):
     return out, {"total": total, "parts": parts}
 
 
-def batch_study(job, images, sizes, rounds=2, count=32):
-    """CPU and wall ms per image of the quality report's forward (all units) at each batch size.
+def batch_study(job, images, sizes, workers=(1, 2), rounds=2, count=32):
+    """Wall and CPU ms per image of the quality report's forward (all units) per batch size and
+    number of calling threads (`fvis.devices.AUTO` "quality_batch_size", "quality_workers").
 
-    Each size is compiled first, then the sizes are timed in turn, `rounds` times, on
-    `count` of the job's images; on a shared machine the CPU seconds are the figure to compare.
+    Each size is compiled first, then the settings are timed in turn, `rounds` times, on
+    `count` of the job's images; on a shared machine compare the CPU seconds first.
     """
     fn = quality.values_function(job.forward, job.objective)
     values = lambda x, size: quality.unit_values(job.forward, job.objective, x, job.units, batch_size=size, function=fn)
-    compile_s = {}
+    compile_s, default = {}, devices.AUTO["cpu"]["quality_workers"]
     for size in sizes:
         start = time.perf_counter()
         values(images[:size], size)
         compile_s[size] = round(time.perf_counter() - start, 3)
     rows = []
-    for round_ in range(1, rounds + 1):
-        for size in sizes:
-            start, cpu = time.perf_counter(), time.process_time()
-            values(images[:count], size)
-            rows.append({"batch": size, "round": round_, "first_call_s": compile_s[size],
-                         "wall_ms_per_image": round(1000 * (time.perf_counter() - start) / count, 2),
-                         "cpu_ms_per_image": round(1000 * (time.process_time() - cpu) / count, 2)})
-            print("batch", json.dumps(rows[-1]), flush=True)
+    try:
+        for round_ in range(1, rounds + 1):
+            for threads in workers:
+                devices.AUTO["cpu"]["quality_workers"] = threads
+                for size in sizes:
+                    start, cpu = time.perf_counter(), time.process_time()
+                    values(images[:count], size)
+                    rows.append({"batch": size, "workers": threads, "round": round_, "first_call_s": compile_s[size],
+                                 "wall_ms_per_image": round(1000 * (time.perf_counter() - start) / count, 2),
+                                 "cpu_ms_per_image": round(1000 * (time.process_time() - cpu) / count, 2)})
+                    print("batch", json.dumps(rows[-1]), flush=True)
+    finally:
+        devices.AUTO["cpu"]["quality_workers"] = default
     return rows
 
 
@@ -169,6 +175,7 @@ def main():
         "load_average": {"start_of_quality": load_at_start, "end": os.getloadavg()},
         "batch_study": study,
         "quality_batch_size_after": quality.default_batch_size(),
+        "quality_workers_after": devices.auto_setting("quality_workers"),
         "summaries": {label: {k: s[k] for k in keys} for label, s in summaries.items()},
     }
     print(json.dumps({k: record[k] for k in ("best_quality_s", "best_quality_cpu_s", "share_of_job", "share_of_job_cpu",

@@ -23,12 +23,13 @@ UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
 # Defaults per backend, chosen from experiments/results (see its README): units per
 # compiled chunk (at most), the loop form, the CPU-friendly pooling and 1x1 convolutions (fvis.cpu_ops), and
-# the images per compiled call of the quality report's forwards (fvis.quality; "The quality report's cost").
+# the images per compiled call of the quality report's forwards and the threads that make those calls
+# (fvis.quality; experiments/results/README.md, "The quality report's cost").
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "quality_batch_size": 2},
-    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16},
-    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "quality_batch_size": 1, "quality_workers": 2},
+    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16, "quality_workers": 1},
+    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "quality_batch_size": 16, "quality_workers": 1},
 }
 
 

@@ -28,6 +28,7 @@ for every unit) and the robustness draws.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
@@ -38,18 +39,29 @@ from fvis.images import load_photo, photo_paths
 from fvis.objectives import INPUT
 
 
-def map_batches(fn, arrays, batch_size):
+def map_batches(fn, arrays, batch_size, *, workers=1):
     """Applies `fn(*batch)` to fixed-size slices of `arrays` along axis 0 and concatenates.
 
     The last slice is padded by repeating its last row, so `fn` (jit it) compiles once.
+    With `workers` > 1 the slices after the first run on that many threads: a compiled
+    call releases the GIL, so a CPU's cores the call leaves idle take the next slice
+    (the first slice runs alone, so `fn` compiles once).
     """
     n = len(arrays[0])
-    outs = []
-    for start in range(0, n, batch_size):
+
+    def run(start):
         part = [a[start: start + batch_size] for a in arrays]
         short = batch_size - len(part[0])
         part = [np.concatenate([p, np.repeat(p[-1:], short, axis=0)]) if short else p for p in part]
-        outs.append(np.asarray(fn(*part))[: batch_size - short])
+        return np.asarray(fn(*part))[: batch_size - short]
+
+    starts = range(0, n, batch_size)
+    outs = [run(start) for start in starts[:1]]
+    if workers > 1 and len(starts) > 2:
+        with ThreadPoolExecutor(workers) as pool:
+            outs += pool.map(run, starts[1:])
+    else:
+        outs += [run(start) for start in starts[1:]]
     return np.concatenate(outs)
 
 
@@ -92,7 +104,8 @@ def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0)
 def _rows(function, weights, images, units, index, draw, batch_size):
     """`function` on the rows (images[index[r]], draw[r]) in batches, the images gathered per batch
     (a job's images times its draws would not fit in memory): (R, U) float32."""
-    return map_batches(lambda i, d: function(weights, images[i], units, i, d), [index, draw], batch_size)
+    return map_batches(lambda i, d: function(weights, images[i], units, i, d), [index, draw], batch_size,
+                       workers=devices.auto_setting("quality_workers"))
 
 
 def unit_values(forward, objective, images, units, *, batch_size=None, function=None):
