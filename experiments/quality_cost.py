@@ -1,6 +1,6 @@
 """The quality report's cost on the reference job, before and after (issue 15).
 
-    python experiments/quality_cost.py                 # ~8 min on 2 busy CPU cores -> experiments/results/quality_cost.json
+    python experiments/quality_cost.py                 # ~7 min on 2 CPU cores -> experiments/results/quality_cost.json
     python experiments/quality_cost.py --steps 2 --rounds 1 --out /tmp/q.json   # the quality split alone, ~3 min
 
 The reference job (ResNet50V2 with random weights, conv3_block4_out, 64 filters, 180x180, 30
