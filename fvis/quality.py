@@ -22,33 +22,52 @@ failure in every summary figure: not ranked first, robustness 0, spectral slope 
 (white noise). The figures over the live images alone stand beside them.
 
 Everything runs in JAX: jitted, the model weights as arguments, images in fixed-size
-batches (one compilation per measurement).
+batches of the backend's measured size (`fvis.devices.AUTO`), one compilation per
+job: one model program serves the images and photos as they are (one forward per image
+for every unit) and the robustness draws.
 """
 
 import math
+from concurrent.futures import ThreadPoolExecutor
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fvis import transforms
+from fvis import devices, transforms
 from fvis.images import load_photo, photo_paths
 from fvis.objectives import INPUT
 
 
-def map_batches(fn, arrays, batch_size):
+def map_batches(fn, arrays, batch_size, *, workers=1):
     """Applies `fn(*batch)` to fixed-size slices of `arrays` along axis 0 and concatenates.
 
     The last slice is padded by repeating its last row, so `fn` (jit it) compiles once.
+    With `workers` > 1 the slices after the first run on that many threads: a compiled
+    call releases the GIL, so a CPU's cores the call leaves idle take the next slice
+    (the first slice runs alone, so `fn` compiles once).
     """
     n = len(arrays[0])
-    outs = []
-    for start in range(0, n, batch_size):
+
+    def run(start):
         part = [a[start: start + batch_size] for a in arrays]
         short = batch_size - len(part[0])
         part = [np.concatenate([p, np.repeat(p[-1:], short, axis=0)]) if short else p for p in part]
-        outs.append(np.asarray(fn(*part))[: batch_size - short])
+        return np.asarray(fn(*part))[: batch_size - short]
+
+    starts = range(0, n, batch_size)
+    outs = [run(start) for start in starts[:1]]
+    if workers > 1 and len(starts) > 2:
+        with ThreadPoolExecutor(workers) as pool:
+            outs += pool.map(run, starts[1:])
+    else:
+        outs += [run(start) for start in starts[1:]]
     return np.concatenate(outs)
+
+
+def default_batch_size(batch_size=None):
+    """`batch_size`, or the backend's measured default (`fvis.devices.AUTO` "quality_batch_size")."""
+    return devices.auto_setting("quality_batch_size") if batch_size is None else batch_size
 
 
 def _values(forward, objective, weights, image, units):
@@ -58,11 +77,48 @@ def _values(forward, objective, weights, image, units):
     return jax.vmap(lambda unit: objective(acts, unit))(units)
 
 
-def unit_values(forward, objective, images, units, *, batch_size=16):
-    """(M, H, W, C) images x (U,) units -> (M, U) float32 objective values."""
-    weights, units = forward.weights(), jnp.asarray(units, jnp.int32)
-    fn = jax.jit(jax.vmap(lambda w, x: _values(forward, objective, w, x, units), (None, 0)))
-    return map_batches(lambda x: fn(weights, x), [np.asarray(images, np.float32)], batch_size)
+def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0):
+    """The quality report's one model program: the objective for a set of units on a
+    batch of images, each as it is or after one robustness draw (one forward per image).
+
+    Draw d >= 0 of image i is the transform (jitter +-`jitter` px, then rescaling by
+    1 +- `scale`) keyed by `split(fold_in(key(seed), i), draws)[d]`; d < 0 keeps the
+    image as it is. Build it once per job and pass it to `unit_values` and `robustness`:
+    each call with the same shapes reuses its compilation (units, indices and draws are
+    arguments, so the job's images, its photos and the draws share it).
+
+    Returns:
+        jitted `(weights, images (B, H, W, C) float32, units (U,) int32, index (B,) int32,
+        draw (B,) int32) -> (B, U) float32`.
+    """
+    move = transforms.compose([transforms.jitter(jitter), transforms.random_scale((1 - scale, 1 + scale))])
+
+    def quality_values(w, image, units, index, draw):
+        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), draws)
+        x = jnp.where(draw >= 0, move(keys[jnp.maximum(draw, 0)], image), image)
+        return _values(forward, objective, w, x, units)
+
+    return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)))
+
+
+def _rows(function, weights, images, units, index, draw, batch_size):
+    """`function` on the rows (images[index[r]], draw[r]) in batches, the images gathered per batch
+    (a job's images times its draws would not fit in memory): (R, U) float32."""
+    return map_batches(lambda i, d: function(weights, images[i], units, i, d), [index, draw], batch_size,
+                       workers=devices.auto_setting("quality_workers"))
+
+
+def unit_values(forward, objective, images, units, *, batch_size=None, function=None):
+    """(M, H, W, C) images x (U,) units -> (M, U) float32 objective values.
+
+    Args:
+        batch_size: images per compiled call; default the backend's (`default_batch_size`).
+        function: the job's `values_function` to reuse; default a new one.
+    """
+    function = function or values_function(forward, objective)
+    index = np.arange(len(images), dtype=np.int32)
+    return _rows(function, forward.weights(), np.asarray(images, np.float32), jnp.asarray(units, jnp.int32), index,
+                 np.full_like(index, -1), default_batch_size(batch_size))
 
 
 def selectivity_ranks(values, own):
@@ -75,36 +131,51 @@ def selectivity_ranks(values, own):
     Returns:
         (M,) int32 in [1, U]; 1 when the own unit has the highest z-score.
     """
+    # op by op, not jitted: a fused program may round the own column's z-score differently in
+    # its two uses, and rank an image below itself
     values = jnp.asarray(values)
     z = (values - values.mean(0)) / (values.std(0) + 1e-8)
     mine = jnp.take_along_axis(z, jnp.asarray(own)[:, None], axis=1)
     return np.asarray(1 + jnp.sum(z > mine, axis=1), np.int32)
 
 
-def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.1, seed=0, batch_size=16):
+def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.1, seed=0, batch_size=None,
+               base=None, function=None, unit_set=None):
     """Median over `draws` of objective(transformed image) / objective(image).
 
     Args:
         images: (M, H, W, C) float32 in fvis' [-1, 1] space.
         units: (M,) int, the unit of each image.
         jitter: shifts of up to +-jitter pixels; scale: rescaling by 1 +- scale.
+        batch_size: forwards (image-draw pairs) per compiled call; default the backend's.
+        base: optional (M,) float32, the objective of each image as is (e.g. from
+            `unit_values`); computed here when None.
+        function: a `values_function` built with the same draws, jitter, scale and
+            seed, to reuse; unit_set: (U,) int, the units to pass it (default the distinct
+            `units`; the job's units reuse the compilation of `unit_values`).
 
     Returns:
-        (M,) float64; NaN where the objective as is is <= 0 (no meaningful fraction).
-        Image i's draws come from `fold_in(key(seed), i)`.
+        (M,) float64; NaN where the objective as is is <= 0 (no meaningful fraction;
+        its draws are not computed). Image i's draws come from `fold_in(key(seed), i)`.
     """
-    weights = forward.weights()
-    move = transforms.compose([transforms.jitter(jitter), transforms.random_scale((1 - scale, 1 + scale))])
-
-    def one(w, image, unit, index):
-        base = _values(forward, objective, w, image, unit[None])[0]
-        keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), draws)
-        moved = jax.vmap(lambda k: _values(forward, objective, w, move(k, image), unit[None])[0])(keys)
-        return jnp.where(base > 0, jnp.median(moved / base), jnp.nan)
-
-    fn = jax.jit(jax.vmap(one, (None, 0, 0, 0)))
-    arrays = [np.asarray(images, np.float32), np.asarray(units, np.int32), np.arange(len(images), dtype=np.int32)]
-    return map_batches(lambda *a: fn(weights, *a), arrays, max(1, batch_size // draws)).astype(np.float64)
+    function = function or values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    weights, batch_size = forward.weights(), default_batch_size(batch_size)
+    images, units = np.asarray(images, np.float32), np.asarray(units, np.int32)
+    unit_set = np.unique(units) if unit_set is None else np.asarray(unit_set, np.int32)
+    column = {int(u): c for c, u in enumerate(unit_set)}
+    own = np.array([column[int(u)] for u in units], np.int64)
+    index = np.arange(len(images), dtype=np.int32)
+    if base is None:
+        base = _rows(function, weights, images, unit_set, index, np.full_like(index, -1), batch_size)[index, own]
+    base = np.asarray(base, np.float32)
+    out = np.full(len(images), np.nan)
+    live = index[base > 0]
+    if len(live):
+        rows = np.repeat(live, draws)
+        moved = _rows(function, weights, images, unit_set, rows, np.tile(np.arange(draws, dtype=np.int32), len(live)),
+                      batch_size)[np.arange(len(rows)), own[rows]]
+        out[live] = np.median(moved.reshape(len(live), draws) / base[live, None], axis=1)
+    return out
 
 
 def spectral_slope(image):
@@ -136,9 +207,15 @@ def spectral_slope(image):
     return jnp.sum(dx * (log_p - log_p.mean())) / jnp.sum(dx * dx)
 
 
+SLOPE_BATCH = 64  # images per compiled call of `spectral_slopes`: bounds its memory, compiles once
+
+
 def spectral_slopes(images):
     """(M, H, W, C) -> (M,) float64 spectral slopes (see `spectral_slope`)."""
-    return np.asarray(jax.jit(jax.vmap(spectral_slope))(jnp.asarray(images, jnp.float32)), np.float64)
+    return map_batches(_slopes, [np.asarray(images, np.float32)], min(len(images), SLOPE_BATCH)).astype(np.float64)
+
+
+_slopes = jax.jit(jax.vmap(spectral_slope))
 
 
 def load_photos(folder, image_size, *, channels=3):
@@ -165,8 +242,12 @@ def _median(values):
 
 
 def measure(forward, objective, units, images, *, dead=None, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
-            top_k=3, batch_size=16):
+            top_k=3, batch_size=None):
     """The quality report of a job's images.
+
+    Each image goes once through the model for all units (activation, selectivity, the
+    base of robustness, and likewise each photo), and once per robustness draw, in one
+    model program compiled once per call (`values_function`).
 
     Args:
         forward: the job's `fvis.models.Forward` (`job.forward`).
@@ -176,6 +257,7 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
         natural: optional (names, photos (M, H, W, C)) from `load_photos`.
         draws, jitter, scale, seed: robustness settings (see `robustness`).
         top_k: photos listed per unit.
+        batch_size: forwards per compiled call; default the backend's (`default_batch_size`).
 
     Returns:
         (records, summary): N*D dicts in unit-major order with "activation",
@@ -189,14 +271,15 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     units, images = np.asarray(units), np.asarray(images, np.float32)
     n, d = images.shape[:2]
     flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
-    values = unit_values(forward, objective, flat, units, batch_size=batch_size)
+    values_fn = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    values = unit_values(forward, objective, flat, units, batch_size=batch_size, function=values_fn)
     activation = values[np.arange(n * d), own]
     never_moved = np.zeros(n * d, bool) if dead is None else np.asarray(dead, bool).reshape(n * d)
     failed = never_moved | (np.ptp(values, axis=0) == 0)[own]
     takes_units = objective.num_units(forward.shapes()) is not None
     ranks = selectivity_ranks(values, own) if takes_units else [None] * (n * d)
     robust = robustness(forward, objective, flat, units[own], draws=draws, jitter=jitter, scale=scale, seed=seed,
-                        batch_size=batch_size)
+                        batch_size=batch_size, base=activation, function=values_fn, unit_set=units)
     slopes = spectral_slopes(flat)
     records = [{"activation": _finite(a), "selectivity_rank": None if r is None else int(r),
                 "robustness": _finite(b), "spectral_slope": _finite(s), "failed": bool(f)}
@@ -210,7 +293,8 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
         "settings": {"draws": draws, "jitter_px": jitter, "scale": scale, "seed": seed},
     }
     if natural is not None:
-        _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size)
+        photo_values = unit_values(forward, objective, natural[1], units, batch_size=batch_size, function=values_fn)
+        _add_natural(records, summary, natural[0], photo_values, own, activation, top_k)
     return records, summary
 
 
@@ -227,9 +311,8 @@ def _figures(records, failed, takes_units, counted):
     }
 
 
-def _add_natural(records, summary, natural, forward, objective, units, own, activation, top_k, batch_size):
-    names, photos = natural
-    values = unit_values(forward, objective, photos, units, batch_size=batch_size)  # (M, N)
+def _add_natural(records, summary, names, values, own, activation, top_k):
+    """Adds the natural ratio and top photos to `records`; `values`: (M photos, N units)."""
     best = values.max(axis=0)
     order = np.argsort(-values, axis=0, kind="stable")[:top_k]
     for record, column, a in zip(records, own, activation):

@@ -1,0 +1,135 @@
+"""The batched, compile-once quality report against a plain per-image, per-draw re-statement,
+and the number of model programs one `quality.measure` call traces and compiles."""
+
+import jax
+import keras
+import numpy as np
+import pytest
+
+import fvis
+from fvis import objectives, quality, transforms
+
+UNITS = np.array([1, 6, 12, 15])  # conv2 channels of the tiny model: positive, negative, near zero, positive
+DRAWS, SEED = 3, 5
+
+
+def job_parts(model, units):
+    """The forward pass and objective a job measures with (the one internal access)."""
+    job = fvis.prepare(model, objectives.channel("conv2"), units)
+    return job.forward, job.objective
+
+
+def keras_conv2_means(model, images):
+    """(M, H, W, C) images in [-1, 1] -> (M, 16): the channel objective (border 2) of conv2, by Keras."""
+    sub = keras.Model(model.model.inputs, model.model.get_layer("conv2").output)
+    return np.asarray(sub(np.asarray(images, np.float32), training=False))[:, 2:-2, 2:-2].mean(axis=(1, 2))
+
+
+def numpy_slope(image):
+    """The spectral slope of one (H, W, C) image, restated in numpy (float64, np.polyfit)."""
+    h, w = image.shape[:2]
+    x = image.mean(-1)
+    x = (x - x.mean()) * np.outer(np.hanning(h), np.hanning(w))
+    power = np.abs(np.fft.fft2(x)) ** 2
+    fy, fx = np.meshgrid(np.fft.fftfreq(h), np.fft.fftfreq(w), indexing="ij")
+    rings = np.rint(np.hypot(fy, fx) * min(h, w)).astype(int)
+    top = min(h, w) // 2
+    ring_power = [power[rings == k].mean() for k in range(1, top + 1)]
+    return np.polyfit(np.log(np.arange(1, top + 1)), np.log(ring_power), 1)[0]
+
+
+def plain_robustness(model, image, unit, index):
+    """Median over the draws of value(moved) / value(image), each draw moved and measured alone."""
+    move = transforms.compose([transforms.jitter(8), transforms.random_scale((0.9, 1.1))])
+    keys = jax.random.split(jax.random.fold_in(jax.random.key(SEED), index), DRAWS)
+    base = keras_conv2_means(model, image[None])[0, unit]
+    if base <= 0:
+        return None
+    moved = [keras_conv2_means(model, np.asarray(move(k, image))[None])[0, unit] for k in keys]
+    return float(np.median(np.array(moved) / base))
+
+
+@pytest.fixture(scope="module")
+def case(tiny):
+    model = tiny
+    rng = np.random.default_rng(1)
+    images = rng.uniform(-1, 1, (4, 2, 32, 32, 3)).astype(np.float32)  # 4 units x 2 images
+    photos = rng.uniform(-1, 1, (3, 32, 32, 3)).astype(np.float32) * np.float32([[[[0.3]]], [[[0.6]]], [[[1.0]]]])
+    forward, objective = job_parts(model, UNITS)
+    records, summary = quality.measure(forward, objective, UNITS, images, natural=(["a", "b", "c"], photos),
+                                       draws=DRAWS, seed=SEED, top_k=2, batch_size=3)  # 8 images, 18 draws: padded
+    return model, images, photos, records, summary, (forward, objective)
+
+
+def test_measure_equals_a_plain_per_image_per_draw_restatement(case):
+    """Activation, rank, robustness (per draw, alone), spectral slope, natural ratio and the summary."""
+    model, images, photos, records, summary, _ = case
+    flat, own = images.reshape(8, 32, 32, 3), np.repeat(np.arange(4), 2)
+    values = keras_conv2_means(model, flat)[:, UNITS]  # (8 images, 4 units)
+    activation = values[np.arange(8), own]
+    assert np.abs(activation).min() > 1e-3  # no sign of a base is left to rounding
+    np.testing.assert_allclose([r["activation"] for r in records], activation, rtol=1e-4, atol=1e-6)
+    z = (values - values.mean(0)) / values.std(0)
+    ranks = 1 + (z > z[np.arange(8), own][:, None]).sum(axis=1)
+    assert [r["selectivity_rank"] for r in records] == ranks.tolist()
+    robust = [plain_robustness(model, flat[i], UNITS[own[i]], i) for i in range(8)]
+    assert any(b is None for b in robust) and sum(b is not None for b in robust) >= 4  # both kinds are checked
+    for record, expected in zip(records, robust):
+        assert (record["robustness"] is None) == (expected is None)
+        if expected is not None:
+            assert record["robustness"] == pytest.approx(expected, rel=1e-3, abs=1e-4)
+    slopes = [numpy_slope(x) for x in flat]
+    np.testing.assert_allclose([r["spectral_slope"] for r in records], slopes, atol=1e-3)
+    photo_values = keras_conv2_means(model, photos)[:, UNITS]  # (3 photos, 4 units)
+    for record, column, a in zip(records, own, activation):
+        best = photo_values[:, column].max()
+        assert record["natural_ratio"] == (pytest.approx(a / best, rel=1e-3) if best > 0 else None)
+        order = np.argsort(-photo_values[:, column])[:2]
+        assert [t["name"] for t in record["top_natural"]] == [["a", "b", "c"][m] for m in order]
+    assert summary["rank1_fraction"] == pytest.approx(np.mean(ranks == 1))
+    assert summary["activation_median"] == pytest.approx(float(np.median(activation)), rel=1e-4)
+    assert summary["robustness_median"] == pytest.approx(float(np.median([b for b in robust if b is not None])),
+                                                         rel=1e-3, abs=1e-4)
+    assert summary["spectral_slope_median"] == pytest.approx(float(np.median(slopes)), abs=1e-3)
+
+
+def test_robustness_alone_equals_the_restatement_and_measure(case):
+    """The public `robustness` (base computed itself, rows batched by 2) gives the same figures as `measure`."""
+    _, images, _, records, _, (forward, objective) = case
+    flat, own = images.reshape(8, 32, 32, 3), np.repeat(np.arange(4), 2)
+    robust = quality.robustness(forward, objective, flat, UNITS[own], draws=DRAWS, seed=SEED, batch_size=2)
+    from_measure = np.array([np.nan if r["robustness"] is None else r["robustness"] for r in records])
+    np.testing.assert_allclose(robust, from_measure, rtol=1e-5, equal_nan=True)
+
+
+class CountingForward:
+    """A forward pass that counts how often it is traced (each trace of a program calls it once)."""
+
+    def __init__(self, forward):
+        self.forward, self.traces = forward, 0
+
+    def weights(self):
+        return self.forward.weights()
+
+    def shapes(self):
+        return self.forward.shapes()
+
+    def __call__(self, weights, image):
+        self.traces += 1
+        return self.forward(weights, image)
+
+
+def test_one_measure_traces_and_compiles_the_model_once(case):
+    """Images, photos and robustness draws share one model program; batches and calls add none."""
+    _, images, photos, _, _, (forward, objective) = case
+    counting = CountingForward(forward)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda event, duration, **kw: compiles.append(event) if event.endswith("backend_compile_duration") else None)
+    measure = lambda: quality.measure(counting, objective, UNITS, images, natural=(["a", "b", "c"], photos),
+                                      draws=DRAWS, seed=SEED, batch_size=2)  # 4 + 2 + 12 batches of 2
+    measure()
+    assert counting.traces == 1
+    del compiles[:]
+    measure()  # everything else (spectral slopes, ranks) was compiled in the first call
+    assert counting.traces == 2 and len(compiles) <= 1, compiles
