@@ -35,9 +35,11 @@ MODELS = {
     "mobilenet_0.25_bn": ["model=mobilenet", f"model.weights={SHARED / 'weights' / 'mobilenet_0.25_224.weights.h5'}",
                           "layer=conv_pw_5_bn", "image_size=[224,224]"],
 }
-PRESETS = ["seed", "maco", "lucid", "lucid_exact", "maco_exact"]
+PRESETS = ["seed", "maco", "lucid", "lucid_512", "lucid_exact", "maco_exact"]
 # A preset name -> its overrides; "_exact": the preset with the ReLUs' exact gradient (no redirect).
-VARIANTS = {"lucid_exact": ["experiment=lucid", "redirect_relu=false"],
+VARIANTS = {"lucid_exact": ["experiment=lucid", "param.decay_power=1.0", "steps=512", "redirect_relu=false"],
+            # lucid as it was before issue 13's tuning: lucid's own 1/f and 512 steps
+            "lucid_512": ["experiment=lucid", "param.decay_power=1.0", "steps=512"],
             "maco_exact": ["experiment=maco", "redirect_relu=false"]}
 HEADER = """# seed, maco and lucid presets on real weights (issue 4)
 
@@ -55,11 +57,16 @@ HEADER_SUBSET = """# lucid and maco presets with the redirected ReLU, re-measure
 
 Made by `python experiments/quality_compare.py --filters {filters} --runs ...` (figures:
 experiments/results/quality_compare{suffix}.json): filters {filters} of each layer, seed 0, one process per run,
-on 2 AMD EPYC cores shared with other jobs (the times are long for that reason). "rank-1 selectivity",
+on 2 AMD EPYC cores. "rank-1 selectivity",
 "robustness" and "spectral slope" count every failed image as a failure (not rank 1, robustness 0, slope 0;
 see the README's "Picture quality"), with the live images' figure in brackets where some failed;
 "dead units" never moved; "failed images" also counts units that read the same on every image.
-`*_exact` rows are the same preset with `redirect_relu=false` (the ReLUs' exact gradient).
+`lucid_512` is the lucid preset as it was before its tuning (Lucid's 1/f and 512 steps; the current
+lucid uses 1/f**1.25 and 256 steps); `*_exact` rows are that earlier lucid (or maco) with
+`redirect_relu=false` (the ReLUs' exact gradient). The two `lucid` rows ran on the code of issue 15
+(depthwise convolutions as slices, batch norms folded on CPU) on a machine with little else
+running; the others on the earlier code with other jobs sharing the 2 cores: their times are not
+comparable with each other.
 
 """
 ORDER = [("mobilenet_0.25", "seed"), ("mobilenet_0.25", "maco"), ("mobilenet_0.25", "lucid"),
