@@ -215,3 +215,29 @@ def test_flax_depthwise_convolutions_as_slices_keep_values_and_gradients():
         np.testing.assert_allclose(jax.grad(value(sliced))(x), jax.grad(value(plain))(x), atol=1e-5)
     text = jax.jit(lambda x: sliced(w, x)["c"]).lower(x).as_text()
     assert "feature_group_count = 3" not in text and "feature_group_count = 6" not in text
+
+
+def test_a_job_with_every_cpu_rewrite_gives_the_images_of_a_job_without(monkeypatch):
+    """End to end: 3 steps of the reference method on a model with every rewritten form (max pooling,
+    1x1, depthwise and strided convolutions, foldable batch norms): the images with all CPU rewrites on
+    equal those with all off, within float tolerance."""
+    from fvis import devices
+    x = keras.Input((24, 24, 3))
+    y = keras.layers.Conv2D(8, 3, padding="same", use_bias=False)(x)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU(6.0)(y)
+    y = keras.layers.MaxPooling2D(3, 2, padding="same")(y)
+    y = keras.layers.DepthwiseConv2D(3, padding="same", use_bias=False)(y)
+    y = keras.layers.BatchNormalization()(y)
+    y = keras.layers.ReLU(6.0)(y)
+    y = keras.layers.Conv2D(16, 1, use_bias=False)(y)
+    y = keras.layers.BatchNormalization(name="last")(y)
+    model = fvis.models.wrap(keras.Model(x, y))
+    results = {}
+    for on in (False, True):
+        monkeypatch.setitem(devices.AUTO["cpu"], "cpu_ops", on)
+        monkeypatch.setitem(devices.AUTO["cpu"], "fold_batchnorm", on)
+        results[on] = fvis.visualize(model, "last", [0, 5, 9], steps=3, progress=False)
+    assert np.max(np.abs(results[True].images - results[False].images)) < 1e-4
+    np.testing.assert_allclose(results[True].curves, results[False].curves, rtol=1e-4, atol=1e-6)
+    assert np.all(results[True].curves[..., -1] > results[True].curves[..., 0])  # the images moved
