@@ -41,15 +41,18 @@ def job_config(cfg):
 
 def tf_seed(cfg):
     """Runs experiments/seed_tf.py in its own process (Keras' backend is fixed per process)."""
-    if importlib.util.find_spec("tensorflow") is None:
-        return {"skipped": "TensorFlow is not installed; `pip install -e \".[bench-tf]\"` to measure the seed's code."}
+    python = cfg.get("tf_python") or sys.executable
+    if python == sys.executable and importlib.util.find_spec("tensorflow") is None:
+        return {"skipped": "TensorFlow is not installed; `pip install -e \".[bench-tf]\"` (or tf_python=<a Python "
+                           "with TensorFlow>) to measure the seed's code."}
     job = OmegaConf.to_container(job_config(cfg))
     start = time.perf_counter()
-    done = subprocess.run([sys.executable, str(HERE / "seed_tf.py"), json.dumps(job)], capture_output=True, text=True,
+    done = subprocess.run([python, str(HERE / "seed_tf.py"), json.dumps(job)], capture_output=True, text=True,
                           env={**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "2"})
     if done.returncode != 0:
         raise RuntimeError(f"seed_tf.py failed:\n{done.stderr[-3000:]}")
     return {**json.loads(done.stdout.strip().splitlines()[-1]), "tf_process_s": time.perf_counter() - start,
+            "tf_python": python,
             "loadavg_1min": os.getloadavg()[0]}
 
 
@@ -128,6 +131,8 @@ def run_suite(cfg):
         state = "off" if cache is None else ("warm" if cache.exists() else "cold")
         out = work / f"{run.name}.json"
         args = [*run.args, f"out={out}", f"compilation_cache={cache or 'off'}"]
+        if cfg.get("tf_python"):
+            args.append(f"tf_python={cfg.tf_python}")
         if run.get("save_images") or run.get("compare_to"):
             args.append(f"save_images={work / (run.name + '.npz')}")
         print(f"[bench] {run.name}: {' '.join(run.args)} (cache {state})", flush=True)
