@@ -99,7 +99,12 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         on_lowered(lowered)
     if loop == "scan":
         compiled = lowered["scan"].compile()
-        return (lambda weights, units: compiled(weights, units, seed)), memory.estimate(compiled)
+
+        def scan_chunk(weights, units):
+            return compiled(weights, units, seed)
+
+        scan_chunk.compiled = compiled  # the one compiled program of the chunk
+        return scan_chunk, memory.estimate(compiled)
     init, step, finish = (lowered[name].compile() for name in ("init", "step", "finish"))
 
     def chunk(weights, units):

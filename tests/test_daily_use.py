@@ -68,7 +68,8 @@ def test_cli_log_and_a_pipe_hold_the_runs_story(tmp_path):
     expected = [
         f"job: model tiny_convnet, layer conv2, filters 0:4, 3 steps, lr 10.0, image 32x32, seed 0, preset seed -> {out}",
         "model tiny_convnet built (32x32) in ",
-        f"channel(conv2): compiled in {results['timings']['compile_s']:.1f} s (2 filters per chunk, 3 steps)",
+        f"channel(conv2): compiled in {results['timings']['compile_s']:.1f} s (2 filters per chunk, 3 steps; "
+        f"float32 matmuls and convolutions in {results['matmul_precision']['effective']})",
         "chunk 1/2 done: 2 filters in ",
         "chunk 2/2 done: 2 filters in ",
         f"quality of 4 images measured (rank-1 selectivity {results['quality']['rank1_fraction']:.2f}",

@@ -71,12 +71,13 @@ def test_auto_loop_follows_the_backend_table_whatever_the_convolutions(tiny):
     convolutions run as slices there), scan on GPU."""
     import keras
     inputs = keras.Input((16, 16, 3))
-    inner = keras.Sequential([keras.Input((16, 16, 4)), keras.layers.DepthwiseConv2D(3)], name="backbone")
+    inner = keras.Sequential([keras.Input((16, 16, 4)), keras.layers.DepthwiseConv2D(3, name="depthwise")],
+                             name="backbone")
     nested = fvis.models.wrap(keras.Model(inputs, inner(keras.layers.Conv2D(4, 1)(inputs))), input_space="unit")
     assert nested.has_grouped_convolutions and not tiny.has_grouped_convolutions
     assert devices.auto_loop(tiny, "cpu") == devices.auto_loop(nested, "cpu") == devices.AUTO["cpu"]["loop"] == "host"
     assert devices.auto_loop(nested, "gpu") == "scan"
-    job = fvis.prepare(nested, "backbone/depthwise_conv2d", [0], steps=1)
+    job = fvis.prepare(nested, "backbone/depthwise", [0], steps=1)
     assert job.loop == devices.auto_loop(nested)
 
 
