@@ -17,17 +17,12 @@ from pathlib import Path
 import fvis
 from fvis import devices
 
+from loop_by_model import JOBS as LOOP_JOBS  # the same models, layers and steps
+
 ROOT = Path(__file__).resolve().parents[1]
-JOBS = {  # name: (model factory, layer, units, steps)
-    "ResNet50V2 (random weights), conv3_block4_out, 180x180": (
-        lambda: fvis.models.keras_application("ResNet50V2", weights=None, image_size=(180, 180)), "conv3_block4_out",
-        "0:3", 8),
-    "EfficientNet-Lite0, block4c_add, 180x180": (
-        lambda: fvis.models.efficientnet_lite0(image_size=(180, 180)), "block4c_add", "0:6", 10),
-    "MobileNet 0.25 (random weights), conv_pw_5_relu, 224x224": (
-        lambda: fvis.models.keras_application("MobileNet", weights=None, image_size=(224, 224), alpha=0.25),
-        "conv_pw_5_relu", "0:6", 10),
-}
+UNITS = {"ResNet50V2": "0:3", "EfficientNet-Lite0": "0:6", "MobileNet 0.25": "0:6"}  # units per job here
+JOBS = {name: (make, layer, next(u for k, u in UNITS.items() if name.startswith(k)), steps)
+        for name, (make, layer, _, steps) in LOOP_JOBS.items()}
 
 
 def main():
