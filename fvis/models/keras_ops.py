@@ -201,7 +201,8 @@ def _linear(activation):
 
 
 def _foldable_conv(layer):
-    """A channels-last Conv1D/2D/3D or DepthwiseConv2D with Keras' own call and no activation."""
+    """A channels-last convolution with Keras' base call (Conv2D, Conv3D; Conv1D has its own) or a
+    DepthwiseConv2D, without activation."""
     plain = (type(layer).call is BaseConv.call and type(layer).convolution_op is BaseConv.convolution_op
              or type(layer).call is BaseDepthwiseConv.call)
     return (isinstance(layer, (BaseConv, BaseDepthwiseConv)) and plain and "call" not in vars(layer)
@@ -212,7 +213,7 @@ def batchnorm_folds(model, read=()):
     """The (convolution, BatchNormalization) pairs of `model` whose batch norm folds into the convolution.
 
     A pair folds when the batch norm is Keras' own, normalises the last (channel) axis,
-    and is called once, on the output of a channels-last convolution (Conv1D/2D/3D,
+    and is called once, on the output of a channels-last convolution (Conv2D or Conv3D,
     grouped or not, or DepthwiseConv2D) that has no activation, is called once, feeds
     nothing else, and is not itself read (a layer in `read`).
 
