@@ -5,6 +5,7 @@ Each `measure_*` function returns a JSON-able dict. Times are wall seconds from
 (on a shared machine CPU time is less disturbed by other processes than wall time).
 """
 
+import contextlib
 import os
 import resource
 import time
@@ -69,13 +70,21 @@ def measure_matmul_peak(n=2048, repeats=10):
     return out
 
 
-def steady_step(job, weights, repeats):
-    """Compiles the job's step alone (state donated) and times it: s/step, FLOPs/step."""
+def compiled_step(job, weights=None):
+    """The job's step compiled on its own (state donated), as the host loop runs it, under the job's
+    matmul precision: (step, weights, state, units)."""
+    weights = job.placed_weights() if weights is None else weights
     units = job._placed(job.units[: job.batch_size])
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
     state = jax.jit(job.renderer.init)(units, keys)
-    with job.matmul_scope():  # the job's matmul precision binds the compiled step as it binds the job's
+    with getattr(job, "matmul_scope", contextlib.nullcontext)():  # (absent from fvis before issue 15)
         step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
+    return step, weights, state, units
+
+
+def steady_step(job, weights, repeats):
+    """Compiles the job's step alone (state donated) and times it: s/step, FLOPs/step."""
+    step, weights, state, units = compiled_step(job, weights)
     holder = [state]
 
     def call():

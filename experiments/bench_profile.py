@@ -22,7 +22,6 @@ that the op is put in one category:
 """
 
 import collections
-import contextlib
 import glob
 import re
 import tempfile
@@ -32,8 +31,8 @@ import jax
 import numpy as np
 from jax.profiler import ProfileData
 
+import bench_measure
 import fvis
-from fvis import render
 
 CONVOLUTION_KINDS = ("ynn_fusion", "convolution", "dot", "custom-call")
 
@@ -103,17 +102,6 @@ def op_times(folder, origins, kinds):
     return by_category, by_name
 
 
-def compiled_step(job):
-    """The job's step compiled on its own (as the host loop runs it), with its state and units."""
-    units = job._placed(job.units[: job.batch_size])
-    keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
-    state = jax.jit(job.renderer.init)(units, keys)
-    weights = job.placed_weights()
-    with getattr(job, "matmul_scope", contextlib.nullcontext)():  # (absent from fvis before issue 15)
-        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
-    return step, weights, state, units
-
-
 def profile_step(job, keras_model, *, calls=5):
     """Traces `calls` steps of `job` (after a warm-up) and returns op time per image-step by category.
 
@@ -121,7 +109,7 @@ def profile_step(job, keras_model, *, calls=5):
         dict with "wall_per_step_s" (median of the traced calls), "op_s_per_step" {category: seconds},
         "step_flops" (XLA's count), "top_ops" [[name, op_name, seconds]] (the 15 largest).
     """
-    step, weights, state, units = compiled_step(job)
+    step, weights, state, units = bench_measure.compiled_step(job)
     origins = instruction_origins(step.as_text())
     kinds = layer_kinds(keras_model)
     holder = [state]
@@ -141,9 +129,7 @@ def profile_step(job, keras_model, *, calls=5):
         walls.append(time.perf_counter() - start)
     jax.profiler.stop_trace()
     by_category, by_name = op_times(folder, origins, kinds)
-    analysis = step.cost_analysis()
-    analysis = analysis[0] if isinstance(analysis, (list, tuple)) else analysis
-    return {"wall_per_step_s": float(np.median(walls)), "calls": calls, "step_flops": float(analysis["flops"]),
+    return {"wall_per_step_s": float(np.median(walls)), "calls": calls, "step_flops": bench_measure.flops_of(step),
             "op_s_per_step": {k: v / calls for k, v in by_category.most_common()},
             "top_ops": [[k, origins.get(k, ""), v / calls] for k, v in by_name.most_common(15)]}
 

@@ -30,22 +30,31 @@ JOBS = {  # name: (model factory, layer, units, steps)
 }
 
 
+def timed_job(model, layer, units, steps, loop):
+    """One job (1 unit per chunk): its compile and optimisation seconds, ms per image-step, process CPU s."""
+    cpu = time.process_time()
+    result = fvis.visualize(model, layer, units, steps=steps, batch_size=1, loop=loop, progress=False)
+    return {"compile_s": result.compile_s, "optimize_s": result.optimize_s,
+            "ms_per_image_step": 1000 * result.optimize_s / (result.final.size * steps),
+            "process_cpu_s": time.process_time() - cpu, "load_1min": os.getloadavg()[0]}
+
+
+def write(rows, default_name):
+    """The rows as JSON in argv[1], or experiments/results/<default_name>."""
+    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "experiments" / "results" / default_name
+    path.write_text(json.dumps(rows, indent=2) + "\n")
+    print(path)
+
+
 def main():
     rows = []
     for name, (make, layer, units, steps) in JOBS.items():
         model = make()
         for round_ in (1, 2):
             for loop in ("host", "scan"):
-                cpu = time.process_time()
-                result = fvis.visualize(model, layer, units, steps=steps, batch_size=1, loop=loop, progress=False)
-                image_steps = result.final.size * steps
-                rows.append({"job": name, "round": round_, "loop": loop, "compile_s": result.compile_s,
-                             "optimize_s": result.optimize_s, "ms_per_image_step": 1000 * result.optimize_s / image_steps,
-                             "process_cpu_s": time.process_time() - cpu, "load_1min": os.getloadavg()[0]})
+                rows.append({"job": name, "round": round_, "loop": loop, **timed_job(model, layer, units, steps, loop)})
                 print(rows[-1], flush=True)
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else ROOT / "experiments" / "results" / "loop_by_model.json"
-    path.write_text(json.dumps(rows, indent=2) + "\n")
-    print(path)
+    write(rows, "loop_by_model.json")
 
 
 if __name__ == "__main__":

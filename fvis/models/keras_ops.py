@@ -20,10 +20,6 @@ objective values to the last bit, experiments/results).
 """
 
 import contextlib
-import functools
-import itertools
-
-import jax
 
 import jax.numpy as jnp
 import keras
@@ -48,7 +44,7 @@ def max_pool_by_slices(inputs, pool_size, strides=None, padding="valid", data_fo
         pool_size, strides, padding, data_format: as `keras.ops.max_pool`.
 
     Returns:
-        The pooled array, equal to Keras' result. Its gradient (`_pool_slices`'
+        The pooled array, equal to Keras' result. Its gradient (`fvis.models.slices.max_pool`'s
         custom VJP) goes to the window's maximum; at exact ties it is shared equally
         between the tied inputs (Keras gives it all to the first one: another valid
         subgradient).
@@ -60,58 +56,8 @@ def max_pool_by_slices(inputs, pool_size, strides=None, padding="valid", data_fo
     strides = window if strides is None else _per_dim(strides, len(spatial))
     pads = (tuple(lax.padtype_to_pads(spatial, window, strides, "SAME")) if padding.lower() == "same"
             else ((0, 0),) * len(spatial))
-    result = _pool_slices(x, window, strides, tuple(tuple(p) for p in pads))
+    result = slices.max_pool(x, window, strides, tuple(tuple(p) for p in pads))
     return jnp.moveaxis(result, -1, 1) if channels_first else result
-
-
-def _window_slices(x, window, strides):
-    """The k1*k2*... strided slices of the (padded) channels-last `x`, one per window offset."""
-    out = [(n - w) // s + 1 for n, w, s in zip(x.shape[1:-1], window, strides)]
-    for offsets in itertools.product(*(range(w) for w in window)):
-        index = tuple(slice(o, o + (m - 1) * s + 1, s) for o, m, s in zip(offsets, out, strides))
-        yield offsets, out, x[(slice(None), *index, slice(None))]
-
-
-def _pad_input(x, pads):
-    return jnp.pad(x, [(0, 0), *pads, (0, 0)], constant_values=-jnp.inf) if any(map(any, pads)) else x
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2, 3))
-def _pool_slices(x, window, strides, pads):
-    result = None
-    for _, _, part in _window_slices(_pad_input(x, pads), window, strides):
-        result = part if result is None else jnp.maximum(result, part)
-    return result
-
-
-def _pool_slices_fwd(x, window, strides, pads):
-    result = _pool_slices(x, window, strides, pads)
-    return result, (x, result)
-
-
-def _pool_slices_bwd(window, strides, pads, residuals, g):
-    """Each slice's share of the gradient, scattered back with an interior-padded `lax.pad`.
-
-    Written out rather than left to autodiff: the gradient of a chain of `jnp.maximum`
-    makes XLA's CPU backend recompute the chain inside every slice's fused scatter
-    (profiled on ResNet50V2's pool1: 13.6 ms of a 73 ms step, experiments/results).
-    """
-    x, result = residuals
-    padded = _pad_input(x, pads)
-    parts = list(_window_slices(padded, window, strides))
-    hits = [part == result for _, _, part in parts]
-    share = g / sum(h.astype(g.dtype) for h in hits)
-    grad = None
-    for (offsets, out, _), hit in zip(parts, hits):
-        config = [(0, 0, 0)] + [(o, n - o - (m - 1) * s - 1, s - 1)
-                                for o, m, s, n in zip(offsets, out, strides, padded.shape[1:-1])] + [(0, 0, 0)]
-        piece = lax.pad(jnp.where(hit, share, 0.0).astype(g.dtype), jnp.zeros((), g.dtype), config)
-        grad = piece if grad is None else grad + piece
-    index = tuple(slice(lo, n - hi) for (lo, hi), n in zip(pads, padded.shape[1:-1]))
-    return (grad[(slice(None), *index, slice(None))],)
-
-
-_pool_slices.defvjp(_pool_slices_fwd, _pool_slices_bwd)
 
 
 def _is_pointwise(inputs, kernel, strides, dilation_rate, data_format):
