@@ -70,30 +70,61 @@ def measure_matmul_peak(n=2048, repeats=10):
     return out
 
 
-def compiled_step(job, weights=None):
+def compiled_step(job, weights=None, states=1):
     """The job's step compiled on its own (state donated), as the host loop runs it, under the job's
-    matmul precision: (step, weights, state, units)."""
+    matmul precision: (step, weights, state, units); with states > 1, a list of that many states."""
     weights = job.placed_weights() if weights is None else weights
     units = job._placed(job.units[: job.batch_size])
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
-    state = jax.jit(job.renderer.init)(units, keys)
+    init = jax.jit(job.renderer.init)
+    state = [init(units, keys) for _ in range(states)] if states > 1 else init(units, keys)
     with getattr(job, "matmul_scope", contextlib.nullcontext)():  # (absent from fvis before issue 15)
-        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, state, units, np.int32(0)).compile()
+        example = state[0] if states > 1 else state
+        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, example, units, np.int32(0)).compile()
     return step, weights, state, units
 
 
 def steady_step(job, weights, repeats):
-    """Compiles the job's step alone (state donated) and times it: s/step, FLOPs/step."""
-    step, weights, state, units = compiled_step(job, weights)
-    holder = [state]
+    """Compiles the job's step alone (state donated) and times it: s/step, FLOPs/step. Where the job
+    runs several chunks at once (`job.workers`, fvis after issue 15), also the steps' throughput with
+    that many in flight, each called from its own thread as `Job.run` does: s per image-step."""
+    workers = getattr(job, "workers", 1)
+    step, weights, states, units = compiled_step(job, weights, states=workers + 1)
+    holder = [states.pop()]
 
     def call():
         holder[0], aux = step(weights, holder[0], units, np.int32(0))
         return aux
 
     median, best, cpu = timed_calls(call, repeats)
-    return {"step_s": median, "step_s_min": best, "step_cpu_s": cpu, "step_flops": flops_of(step),
-            "step_images": job.batch_size * job.images_per_unit}
+    out = {"step_s": median, "step_s_min": best, "step_cpu_s": cpu, "step_flops": flops_of(step),
+           "step_images": job.batch_size * job.images_per_unit}
+    if workers > 1:
+        out.update(steps_in_flight(step, weights, states, units, repeats))
+    return out
+
+
+def steps_in_flight(step, weights, states, units, repeats, rounds=3):
+    """`len(states)` threads each call `step` `repeats` times on its own state (blocking each call):
+    wall and CPU seconds per call, the median and best of `rounds`."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(i):
+        for _ in range(repeats):
+            states[i], aux = step(weights, states[i], units, np.int32(0))
+            jax.block_until_ready(aux)
+
+    walls, cpus = [], []
+    with ThreadPoolExecutor(len(states)) as pool:
+        list(pool.map(run, range(len(states))))  # warm-up
+        for _ in range(rounds):
+            start, cpu0 = time.perf_counter(), time.process_time()
+            list(pool.map(run, range(len(states))))
+            calls = repeats * len(states)
+            walls.append((time.perf_counter() - start) / calls)
+            cpus.append((time.process_time() - cpu0) / calls)
+    return {"step_workers": len(states), "step_s_in_flight": float(np.median(walls)),
+            "step_s_in_flight_min": float(min(walls)), "step_cpu_s_in_flight": float(np.median(cpus))}
 
 
 def measure_fvis(job_cfg, *, batch_size, loop, precision, compilation_cache, steady_repeats, save_images=None):

@@ -41,6 +41,12 @@ def derive(r, peak, per_image_step):
         if peak.get(dtype):
             r["steady_fraction_of_peak"] = r["steady_flops_per_s"] / peak[dtype]
             r["peak_used"] = dtype
+    if r.get("step_s_in_flight") and flops:  # several chunks' steps in flight (fvis' workers)
+        r["in_flight_image_steps_per_s"] = r["step_images"] / r["step_s_in_flight"]
+        r["in_flight_flops_per_s"] = flops * r["in_flight_image_steps_per_s"]
+        dtype = "bfloat16" if r.get("precision") == "bfloat16" else "float32"
+        if peak.get(dtype):
+            r["in_flight_fraction_of_peak"] = r["in_flight_flops_per_s"] / peak[dtype]
     work_s = r.get("optimize_s") or r.get("job_s")
     if flops and work_s and r.get("image_steps"):
         r["job_flops_per_s"] = flops * r["image_steps"] / work_s

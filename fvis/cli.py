@@ -91,7 +91,8 @@ def checked_settings(cfg):
     """The run's `Settings`, `Display` and `Quality` from the config, and every other plain value
     checked, before anything is loaded or compiled."""
     settings = Settings(steps=cfg.steps, batch_size=cfg.batch_size, images_per_unit=cfg.images_per_unit,
-                        seed=cfg.seed, loop=cfg.loop, precision=cfg.precision, matmul_precision=cfg.matmul_precision,
+                        seed=cfg.seed, loop=cfg.loop, workers=cfg.workers, precision=cfg.precision,
+                        matmul_precision=cfg.matmul_precision,
                         redirect_relu=cfg.redirect_relu, snapshots=cfg.snapshots)
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)

@@ -296,7 +296,7 @@ def _remove_stale(folder, names):
     (folder / "report.html").unlink(missing_ok=True)
 
 
-_NOT_RESULTS = ("display", "compilation_cache", "quality", "distributed")  # config keys that change no optimised value
+_NOT_RESULTS = ("display", "compilation_cache", "quality", "distributed", "workers")  # config keys that change no optimised value
 
 
 def run_and_write(job, folder, *, config, meta, display, progress="auto", finish=None):
@@ -317,6 +317,7 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
         finish: None, or a function (job, result, folder, summary, previous) -> summary run after
             the files are written that may add to them (the cli's quality report); `previous` is
             the folder's results.json as it was before this attempt (or None), to reuse figures.
+            Its optional attribute `start(job)` is called before the job runs.
 
     Returns:
         (the results.json dict, this attempt's facts: timings and chunk counts).
@@ -326,9 +327,11 @@ def run_and_write(job, folder, *, config, meta, display, progress="auto", finish
            "batch_size": job.batch_size}
     store = ChunkStore(folder, fingerprint(key))
     previous = read_json(Path(folder) / "results.json")
+    if hasattr(finish, "start"):  # e.g. the quality report's program, compiled while the job runs
+        finish.start(job)
     result = job.run(store=store, progress=progress)
     meta = {**meta, "matmul_precision": _matmul_record(job, result, previous),
-            "units": [int(u) for u in result.units], "batch_size": job.batch_size,
+            "units": [int(u) for u in result.units], "batch_size": job.batch_size, "workers": job.workers,
             "dead_filters": [int(u) for u, dead in zip(result.units, result.dead.any(axis=1)) if dead],
             "timings": {"compile_s": result.compile_s, "optimize_s": result.optimize_s}}
     sizes = np.concatenate([np.full(len(units), size) for (_, units), size in zip(job.chunks(), result.batch_sizes)])

@@ -101,6 +101,41 @@ def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0)
     return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)))
 
 
+def compile_in_background(forward, objective, units, image_shape, *, draws=8, jitter=8, scale=0.1, seed=0,
+                          batch_size=None):
+    """Traces the quality report's model program (`values_function`) for a job's shapes now, and
+    compiles it on a background thread.
+
+    XLA compiles on one core, about a second for ResNet50V2, while it does not hold Python's
+    GIL: started before the job compiles and optimises, the compilation is done by the time
+    the images are ready. Trace in the thread that traces the job (the model rewrites swap
+    functions while a model is traced), under the job's matmul precision.
+
+    Args:
+        forward, objective: the job's (`job.forward`, `job.objective`).
+        units: (U,) int, the job's units (the program's unit axis).
+        image_shape: (H, W, C) of the job's images.
+        draws, jitter, scale, seed: the robustness settings `measure` will be called with.
+        batch_size: images per compiled call; default the backend's (`default_batch_size`).
+
+    Returns:
+        A `concurrent.futures.Future` of the compiled program: a callable with
+        `values_function`'s signature for batches of `batch_size` images and U units. Pass it
+        as `measure(..., program=...)` with the same settings.
+    """
+    function = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    batch = default_batch_size(batch_size)
+    spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
+    weights = jax.tree.map(lambda w: spec(np.shape(w), np.asarray(w).dtype), forward.weights())
+    lowered = function.lower(weights, spec((batch, *image_shape), jnp.float32), spec((len(units),), jnp.int32),
+                             spec((batch,), jnp.int32), spec((batch,), jnp.int32))
+    pool = ThreadPoolExecutor(1, thread_name_prefix="fvis-quality-compile")
+    try:
+        return pool.submit(lowered.compile)
+    finally:
+        pool.shutdown(wait=False)
+
+
 def _rows(function, weights, images, units, index, draw, batch_size):
     """`function` on the rows (images[index[r]], draw[r]) in batches, the images gathered per batch
     (a job's images times its draws would not fit in memory): (R, U) float32."""
@@ -131,12 +166,12 @@ def selectivity_ranks(values, own):
     Returns:
         (M,) int32 in [1, U]; 1 when the own unit has the highest z-score.
     """
-    # op by op, not jitted: a fused program may round the own column's z-score differently in
-    # its two uses, and rank an image below itself
-    values = jnp.asarray(values)
-    z = (values - values.mean(0)) / (values.std(0) + 1e-8)
-    mine = jnp.take_along_axis(z, jnp.asarray(own)[:, None], axis=1)
-    return np.asarray(1 + jnp.sum(z > mine, axis=1), np.int32)
+    # in numpy, not a jitted program: a fused program may round the own column's z-score differently
+    # in its two uses, and rank an image below itself (and jax op by op compiles a program per op)
+    values = np.asarray(values, np.float32)
+    z = (values - values.mean(0)) / (values.std(0) + np.float32(1e-8))
+    mine = np.take_along_axis(z, np.asarray(own)[:, None], axis=1)
+    return (1 + np.sum(z > mine, axis=1)).astype(np.int32)
 
 
 def robustness(forward, objective, images, units, *, draws=8, jitter=8, scale=0.1, seed=0, batch_size=None,
@@ -242,7 +277,7 @@ def _median(values):
 
 
 def measure(forward, objective, units, images, *, dead=None, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
-            top_k=3, batch_size=None):
+            top_k=3, batch_size=None, program=None):
     """The quality report of a job's images.
 
     Each image goes once through the model for all units (activation, selectivity, the
@@ -258,6 +293,8 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
         draws, jitter, scale, seed: robustness settings (see `robustness`).
         top_k: photos listed per unit.
         batch_size: forwards per compiled call; default the backend's (`default_batch_size`).
+        program: optional, `compile_in_background`'s future (or its result) for these units,
+            settings and batch size: then nothing is traced or compiled here.
 
     Returns:
         (records, summary): N*D dicts in unit-major order with "activation",
@@ -271,7 +308,10 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     units, images = np.asarray(units), np.asarray(images, np.float32)
     n, d = images.shape[:2]
     flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
-    values_fn = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    if program is None:
+        values_fn = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    else:
+        values_fn = program.result() if hasattr(program, "result") else program
     values = unit_values(forward, objective, flat, units, batch_size=batch_size, function=values_fn)
     activation = values[np.arange(n * d), own]
     never_moved = np.zeros(n * d, bool) if dead is None else np.asarray(dead, bool).reshape(n * d)

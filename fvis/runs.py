@@ -133,7 +133,9 @@ def quality_step(quality, model, *, seed=0, progress="auto"):
     The photos of `quality.natural_images` are loaded here, before any compute, so a bad
     folder fails at start-up. The figures are measured once: a run whose results.json
     already holds figures for the same quality settings, photos, model weights, objective
-    and images (the `quality_key` recorded beside them) reuses them. While it measures, a terminal shows the elapsed time
+    and images (the `quality_key` recorded beside them) reuses them. `finish.start(job)`, called
+    before the job runs, compiles the report's model program on a background thread meanwhile
+    (`fvis.quality.compile_in_background`). While it measures, a terminal shows the elapsed time
     (`progress`, see `fvis.progress.phase`); the log gets the headline figures.
     """
     if not quality.enabled:
@@ -141,22 +143,32 @@ def quality_step(quality, model, *, seed=0, progress="auto"):
     folder = quality.natural_images
     natural = quality_lib.load_photos(folder, model.image_size, channels=model.channels) if folder else None
 
+    programs = {}
+
+    def start(job):
+        """Before `job` runs: its quality program traced, and compiled on a background thread."""
+        with job.matmul_scope():
+            programs[id(job)] = quality_lib.compile_in_background(
+                job.forward, job.objective, job.units, job.image_shape, draws=quality.draws, seed=seed)
+
     def finish(job, result, folder, summary, previous=None):
-        start = time.perf_counter()
+        began = time.perf_counter()
+        program = programs.pop(id(job), None)
         key = _quality_key(quality, natural, seed, job, result)
         figures = _previous_figures(previous, key, len(summary["filters"]))
         if figures is None:
             with progress_lib.phase("measuring quality", log, progress=progress) as done, job.matmul_scope():
                 records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
                                                            dead=result.dead, natural=natural, draws=quality.draws,
-                                                           seed=seed)
+                                                           seed=seed, program=program)
                 run_summary["score"] = quality_lib.score(records, result.dead.reshape(-1))
                 done("quality of %d images measured (%s)", len(records), headline(run_summary))
             figures = records, run_summary
-        summary["timings"]["quality_s"] = time.perf_counter() - start
+        summary["timings"]["quality_s"] = time.perf_counter() - began
         summary["quality_key"] = key
         return report.write(folder, summary, *figures, natural=natural)
 
+    finish.start = start
     return finish
 
 

@@ -39,6 +39,10 @@ class Settings:
         loop: "scan" (all steps in one compiled call), "host" (a compiled step called
             from Python), or "auto" (the backend's measured best for this kind of model,
             see `fvis.devices.auto_loop`).
+        workers: chunks optimised at the same time, each called from its own thread, an
+            int >= 1, or "auto" (the backend's measured best, `fvis.devices.AUTO`: 2 on a
+            CPU, where one small image's step leaves cores idle between its ops; 1 on an
+            accelerator). The images do not depend on it.
         precision: "float32", or "bfloat16" (model layers compute in bfloat16; image,
             objective and gradient stay float32; see `fvis.models.Rewrites`): the dtype
             the layers compute in.
@@ -65,6 +69,7 @@ class Settings:
     images_per_unit: int = 1
     seed: int = 0
     loop: str = "auto"
+    workers: Union[int, str] = "auto"
     precision: str = "float32"
     matmul_precision: str = "auto"
     redirect_relu: bool = False
@@ -79,6 +84,11 @@ class Settings:
             set_("batch_size", check_positive_int("batch_size", self.batch_size))
         if self.loop != "auto":
             check_loop(self.loop)
+        if self.workers != "auto":
+            if not is_integer(self.workers) or self.workers < 1:
+                raise InvalidValueError(f"workers must be an integer >= 1 (chunks optimised at once) or \"auto\". "
+                                        f"Received: workers={self.workers!r}")
+            set_("workers", int(self.workers))
         check_precision(self.precision)
         check_matmul_precision(self.matmul_precision)
         if not isinstance(self.redirect_relu, bool):

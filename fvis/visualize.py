@@ -11,10 +11,12 @@ one padded), and each finished chunk can be handed to a store, so a killed job
 loses at most the chunk in flight.
 """
 
-import contextlib
 import dataclasses
 import logging
+import math
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 
 import jax
 import numpy as np
@@ -110,6 +112,7 @@ class Job:
     auto_batch: bool = False  # batch_size was "auto": fitted to memory rather than refused
     matmul_precision: dict = dataclasses.field(default_factory=lambda: matmul_lib.describe("auto"))
     in_program: dict = None  # the compiled programs' dot and convolution precisions, once compiled
+    workers: int = 1  # chunks optimised at once, each from its own thread (see `run`)
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
@@ -179,6 +182,12 @@ class Job:
         size (and half again), and so are the chunks after it; each chunk's batch size is
         in `Result.batch_sizes`, and saved with the chunk so a resumed job continues at it.
 
+        With `workers` > 1 the first chunk runs alone (it compiles), then up to `workers`
+        chunks run at once, each called from its own thread (a compiled call releases
+        the GIL; on a CPU one small image's step leaves cores idle between its ops). Each
+        chunk is the same compiled program on the same inputs, so the images do not depend
+        on `workers`; chunks are checked and saved in this thread as they end.
+
         Args:
             store: optional object with `load(index, units) -> Rendered | None` and
                 `save(index, units, rendered)`; finished chunks are saved as they end. A chunk
@@ -190,46 +199,50 @@ class Job:
                 opened inside another one (a whole-model job's) is removed when done.
 
         Raises:
-            NonFiniteError: a chunk produced NaN or Inf; earlier chunks stay saved.
+            NonFiniteError: a chunk produced NaN or Inf; earlier chunks, and chunks that were
+                running beside it, stay saved.
             OutOfMemoryError: the job does not fit in memory (before anything is optimised),
                 or a chunk ran out of memory at the smallest batch size.
         """
         runner = _ChunkRunner(self, self.placed_weights())
-        parts, sizes, schedule, computed = [], [], self.chunks(), 0
+        schedule = self.chunks()
+        parts, sizes, computed = [None] * len(schedule), [None] * len(schedule), 0
+        workers = self.workers if jax.process_count() == 1 else 1  # hosts compute the same chunks in step
         bar = tqdm(total=len(self.units), unit="filter", disable=bar_shown(progress), desc=self.objective.name,
                    leave=None)
-        with bar:
-            for index, chunk_units in schedule:
+
+        def done(slot, index, chunk_units, rendered, size, seconds):
+            self._check_finite(rendered, chunk_units)
+            if store is not None:
+                store.save(index, chunk_units, rendered, **({} if size == self.batch_size else {"batch_size": size}))
+            log.info("chunk %d/%d done: %d filters in %.1f s (%.2f filters/s)", index + 1, len(schedule),
+                     len(chunk_units), seconds, len(chunk_units) / max(seconds, 1e-9), extra={PROGRESS: True})
+            parts[slot], sizes[slot] = rendered, size
+            bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
+            bar.update(len(chunk_units))
+
+        with bar, _Running(workers, done) as running:
+            for slot, (index, chunk_units) in enumerate(schedule):
                 rendered = store.load(index, chunk_units) if store is not None else None
                 stored_size = getattr(store, "batch_sizes", {}).get(index, self.batch_size)
                 if jax.process_count() > 1:
                     rendered, stored_size = self._as_process_zero(rendered, stored_size, len(chunk_units))
-                if rendered is None:
-                    first, compile_before = not runner.compiled, runner.compile_s
-                    if first:
-                        bar.set_postfix_str("compiling")
-                    start = time.perf_counter()
-                    with ticking(bar) if first else contextlib.nullcontext():
-                        rendered, size = runner.run(index, chunk_units)
-                    if first:
-                        log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
-                                 "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
-                                 self.matmul_precision["effective"])
-                    seconds = time.perf_counter() - start - (runner.compile_s - compile_before)
-                    computed += 1
-                    bar.set_postfix_str(f"{runner.steps_per_s():.1f} steps/s", refresh=False)
-                    self._check_finite(rendered, chunk_units)
-                    if store is not None:
-                        smaller = {} if size == self.batch_size else {"batch_size": size}
-                        store.save(index, chunk_units, rendered, **smaller)
-                    log.info("chunk %d/%d done: %d filters in %.1f s (%.2f filters/s)", index + 1, len(schedule),
-                             len(chunk_units), seconds, len(chunk_units) / max(seconds, 1e-9), extra={PROGRESS: True})
-                else:
-                    size = stored_size
-                    runner.continue_at(size)
-                parts.append(rendered)
-                sizes.append(size)
-                bar.update(len(chunk_units))
+                if rendered is not None:
+                    runner.continue_at(stored_size)
+                    parts[slot], sizes[slot] = rendered, stored_size
+                    bar.update(len(chunk_units))
+                    continue
+                computed += 1
+                if runner.compiled:
+                    running.submit((slot, index, chunk_units), runner.run, index, chunk_units)
+                    continue
+                bar.set_postfix_str("compiling")
+                with ticking(bar):
+                    rendered, size, seconds = runner.run(index, chunk_units)
+                log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
+                         "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
+                         self.matmul_precision["effective"])
+                done(slot, index, chunk_units, rendered, size, seconds)
         if computed < len(schedule):
             log.info("%d of %d chunks reused from earlier attempts", len(schedule) - computed, len(schedule))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
@@ -279,35 +292,55 @@ _END_QUANTITIES = {"images": "image pixels", "final": "objective of the final im
 
 class _ChunkRunner:
     """Computes a job's chunks at its batch size, or in parts of a smaller one after running out
-    of memory; compiles once per batch size and checks the first compilation's memory estimate."""
+    of memory; compiles once per batch size and checks the first compilation's memory estimate.
+    `run` may be called from several threads at once (see `Job.run`)."""
 
     def __init__(self, job, weights):
         self.job, self.weights, self.batch_size = job, weights, job.batch_size
         self.compiled, self.retries, self.checked = {}, [], None
-        self.compile_s = self.optimize_s = 0.0
+        self.compile_s = 0.0
         self.computed_steps = 0
+        self.spans = []  # (start, end) of each chunk's optimisation, perf_counter seconds
+        self.lock = threading.RLock()
+
+    @property
+    def optimize_s(self):
+        """Wall seconds during which at least one chunk was being optimised (chunks that ran
+        at the same time count once)."""
+        total, reach = 0.0, -math.inf
+        for start, end in sorted(self.spans):
+            total += max(0.0, end - max(start, reach))
+            reach = max(reach, end)
+        return total
 
     def continue_at(self, batch_size):
         """A chunk loaded from the store was computed at `batch_size`: later chunks use no more."""
-        self.batch_size = min(self.batch_size, batch_size)
+        with self.lock:
+            self.batch_size = min(self.batch_size, batch_size)
 
     def _function(self):
-        while self.batch_size not in self.compiled:
-            chunk, estimate, seconds = self.job.compile_sized(self.weights, self.batch_size)
-            self.compile_s += seconds
-            if self.checked is None and not self._fits(estimate):
-                continue
-            self.compiled[self.batch_size] = chunk
-        return self.compiled[self.batch_size]
+        with self.lock:
+            while self.batch_size not in self.compiled:
+                chunk, estimate, seconds = self.job.compile_sized(self.weights, self.batch_size)
+                self.compile_s += seconds
+                if self.checked is None and not self._fits(estimate):
+                    continue
+                self.compiled[self.batch_size] = chunk
+            return self.compiled[self.batch_size], self.batch_size
 
     def _fits(self, estimate):
         """Checks the first compiled batch size against the budget; halves an auto batch size that
-        does not fit (False: compile again), refuses an explicit one."""
+        does not fit (False: compile again), refuses an explicit one. Chunks running at once
+        (`Job.workers`) need memory each; when only one fits, they run one at a time."""
         budget, bound = memory.budget(list(self.job.mesh.devices.flat)) or (None, None)
         if jax.process_count() > 1:  # every host must take the same decision: the least budget of all
             budgets = multihost_utils.process_allgather(np.int64(-1 if budget is None else budget))
             budget = None if (budgets < 0).all() else int(budgets[budgets >= 0].min())
         if estimate is None or budget is None or estimate.total <= budget:
+            if estimate is not None and budget is not None and estimate.total * self.job.workers > budget:
+                log.info("%d chunks at once need about %s, more than the %s free (%s): running one at a time",
+                         self.job.workers, memory.gib(estimate.total * self.job.workers), memory.gib(budget), bound)
+                self.job.workers = 1
             self.checked = {"estimate_bytes": None if estimate is None else estimate.total, "budget_bytes": budget,
                             "budget_bound_by": bound, "batch_size": self.batch_size}
             return True
@@ -330,9 +363,10 @@ class _ChunkRunner:
                 f"({bound}). Use {way_out}. Received: batch_size={received}, image_size={list(job.image_shape[:2])}")
 
     def run(self, index, units):
-        """(Rendered, the batch size used) for one chunk, halving the batch size on running out of memory."""
+        """(Rendered, the batch size used, seconds) for one chunk, halving the batch size on running
+        out of memory; the seconds exclude compiling."""
         while True:
-            chunk, size = self._function(), self.batch_size
+            chunk, size = self._function()
             start = time.perf_counter()
             try:
                 parts = [chunks_lib.to_host(chunk(self.weights, self.job._placed(units[s: s + size], size)))
@@ -342,23 +376,29 @@ class _ChunkRunner:
                     raise
                 self._halve(index, size, e)
                 continue
-            self.optimize_s += time.perf_counter() - start
-            self.computed_steps += self.job.steps * len(parts)
+            end = time.perf_counter()
+            with self.lock:
+                self.spans.append((start, end))
+                self.computed_steps += self.job.steps * len(parts)
             cut = [Rendered(*(a[: len(units[s: s + size])] for a in out))
                    for s, out in zip(range(0, len(units), size), parts)]
-            return Rendered(*(np.concatenate(field) for field in zip(*cut))), size
+            return Rendered(*(np.concatenate(field) for field in zip(*cut))), size, end - start
 
     def _halve(self, index, size, error):
-        smaller = self.job.smaller_batch(size)
-        if smaller is None:
-            raise memory.OutOfMemoryError(
-                f"Chunk {index} of {self.job.objective.name} ran out of memory at batch size {size}, the "
-                f"smallest possible here ({type(error).__name__}: {str(error).splitlines()[0]}). Use a smaller "
-                f"image_size or a device with more memory. Finished chunks are kept.") from error
-        log.warning("chunk %d of %s ran out of memory at batch size %d; computing it and the chunks after it at "
-                    "batch size %d (%s)", index, self.job.objective.name, size, smaller, str(error).splitlines()[0])
-        self.retries.append({"chunk": index, "batch_size": size, "retried_at": smaller})
-        self.batch_size = smaller
+        with self.lock:
+            if self.batch_size < size:  # another chunk halved it already
+                return
+            smaller = self.job.smaller_batch(size)
+            if smaller is None:
+                raise memory.OutOfMemoryError(
+                    f"Chunk {index} of {self.job.objective.name} ran out of memory at batch size {size}, the "
+                    f"smallest possible here ({type(error).__name__}: {str(error).splitlines()[0]}). Use a smaller "
+                    f"image_size or a device with more memory. Finished chunks are kept.") from error
+            log.warning("chunk %d of %s ran out of memory at batch size %d; computing it and the chunks after it "
+                        "at batch size %d (%s)", index, self.job.objective.name, size, smaller,
+                        str(error).splitlines()[0])
+            self.retries.append({"chunk": index, "batch_size": size, "retried_at": smaller})
+            self.batch_size = smaller
 
     def steps_per_s(self):
         return self.computed_steps / max(self.optimize_s, 1e-9)
@@ -366,6 +406,51 @@ class _ChunkRunner:
     def report(self):
         """JSON-able memory facts of this run (see `Result.memory`)."""
         return {**(self.checked or {}), "retries": self.retries}
+
+
+class _Running:
+    """Chunks in flight on up to `workers` threads (none with workers=1: `submit` then runs the
+    chunk at once). `on_done(*tag, *result)` runs in the thread that submits, as chunks end.
+    Leaving the block waits for every chunk; after an error (a chunk's, or the caller's, an
+    interrupt included), the chunks still running are waited for and the ones that succeeded
+    handed to `on_done` too, so finished work is saved, and the first error is raised."""
+
+    def __init__(self, workers, on_done):
+        self.workers, self.on_done, self.futures = workers, on_done, {}
+        self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fvis-chunk") if workers > 1 else None
+
+    def __enter__(self):
+        return self
+
+    def submit(self, tag, fn, *args):
+        if self.pool is None:
+            self.on_done(*tag, *fn(*args))
+            return
+        self.futures[self.pool.submit(fn, *args)] = tag
+        while len(self.futures) >= self.workers:
+            self._collect(wait(self.futures, return_when=FIRST_COMPLETED)[0])
+
+    def _collect(self, finished, quiet=False):
+        for future in sorted(finished, key=lambda f: self.futures[f]):
+            tag = self.futures.pop(future)
+            try:
+                self.on_done(*tag, *future.result())
+            except Exception:
+                if not quiet:
+                    raise
+
+    def __exit__(self, kind, error, traceback):
+        if self.pool is None:
+            return False
+        try:
+            if kind is None:
+                while self.futures:
+                    self._collect(wait(self.futures, return_when=FIRST_COMPLETED)[0])
+        finally:
+            wait(self.futures)
+            self._collect(list(self.futures), quiet=True)
+            self.pool.shutdown()
+        return False
 
 
 def prepare(model, objective, units="all", *, param=None, transform=None, optimizer=None, settings=None,
@@ -417,6 +502,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
         batch_size = devices_lib.auto_batch_size(len(units), mesh.size)
     batch_size = devices_lib.round_up(min(batch_size, len(units)), mesh.size)
     loop = devices_lib.auto_loop(model) if settings.loop == "auto" else settings.loop
+    workers = devices_lib.auto_setting("workers") if settings.workers == "auto" else settings.workers
     image_shape = (*model.image_size, model.channels)
     matmul = matmul_lib.describe(settings.matmul_precision)  # the level resolved now, applied to every trace
     with jax.default_matmul_precision(matmul["level"]):
@@ -429,7 +515,7 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     _log_facts(facts, rewrites, matmul)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
                renderer, image_shape, loop, mesh, facts, settings.snapshots,
-               auto_batch=settings.batch_size == "auto", matmul_precision=matmul)
+               auto_batch=settings.batch_size == "auto", matmul_precision=matmul, workers=workers)
 
 
 def _log_facts(facts, rewrites, matmul):

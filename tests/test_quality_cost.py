@@ -133,3 +133,48 @@ def test_one_measure_traces_and_compiles_the_model_once(case):
     del compiles[:]
     measure()  # everything else (spectral slopes, ranks) was compiled in the first call
     assert counting.traces == 2 and len(compiles) <= 1, compiles
+
+
+def test_a_program_compiled_in_the_background_gives_the_same_report_and_measure_traces_nothing(case):
+    """`compile_in_background` (what a run starts before its job): one trace before the job, none in
+    `measure`, and the same figures as a `measure` that compiles its own program."""
+    _, images, photos, records, summary, (forward, objective) = case
+    counting = CountingForward(forward)
+    program = quality.compile_in_background(counting, objective, UNITS, images.shape[2:], draws=DRAWS, seed=SEED,
+                                            batch_size=3)
+    assert counting.traces == 1 and hasattr(program, "result")
+    again = quality.measure(counting, objective, UNITS, images, natural=(["a", "b", "c"], photos), draws=DRAWS,
+                            seed=SEED, top_k=2, batch_size=3, program=program)
+    assert counting.traces == 1
+    assert again == (records, summary)
+
+
+def test_a_run_compiles_its_quality_program_before_its_job_runs_and_measures_with_it(tiny, tmp_path, monkeypatch):
+    import importlib
+
+    from fvis.settings import Display, Quality, Settings
+
+    visualize = importlib.import_module("fvis.visualize")  # the module; fvis.visualize is the function
+
+    events, real_compile, real_run, real_measure = [], quality.compile_in_background, visualize.Job.run, quality.measure
+
+    def compile_(*args, **kwargs):
+        events.append("compile")
+        events.append(real_compile(*args, **kwargs))
+        return events[-1]
+
+    def run(self, **kwargs):
+        events.append("run")
+        return real_run(self, **kwargs)
+
+    def measure(*args, program=None, **kwargs):
+        events.append(("measure", program))
+        return real_measure(*args, program=program, **kwargs)
+
+    monkeypatch.setattr(quality, "compile_in_background", compile_)
+    monkeypatch.setattr(visualize.Job, "run", run)
+    monkeypatch.setattr(quality, "measure", measure)
+    fvis.run_job(tiny, "conv2", "0:3", tmp_path, settings=Settings(steps=1), quality=Quality(draws=2),
+                 display=Display(crop=2), progress=False)
+    program = events[1]
+    assert events == ["compile", program, "run", ("measure", program)]

@@ -1,0 +1,89 @@
+"""Chunks optimised at once from several threads (`Settings.workers`): the same images as one at a
+time, finished chunks saved even when a neighbour fails, and the optimisation time counted once."""
+
+import threading
+
+import numpy as np
+import pytest
+
+import fvis
+from fvis import devices
+from fvis.errors import InvalidValueError, NonFiniteError
+from fvis.settings import Display, Quality, Settings
+from fvis.visualize import _ChunkRunner, _Running
+
+
+def test_two_workers_give_the_images_and_curves_of_one_bit_for_bit(tiny):
+    one = fvis.visualize(tiny, "conv2", "0:5", steps=3, batch_size=1, workers=1, progress=False)
+    two = fvis.visualize(tiny, "conv2", "0:5", steps=3, batch_size=1, workers=2, progress=False)
+    for field in ("units", "images", "curves", "final", "grad_norms", "transparency"):
+        np.testing.assert_array_equal(getattr(two, field), getattr(one, field), err_msg=field)
+    assert two.batch_sizes == one.batch_sizes == [1] * 5
+    assert two.curves[:, 0, -1].std() > 0  # five different units, not one repeated
+
+
+def test_workers_auto_is_the_backends_measured_row_and_bad_values_are_refused_naming_them(tiny):
+    job = fvis.prepare(tiny, "conv2", "0:2", steps=1)
+    assert job.workers == devices.AUTO["cpu"]["workers"] == 2
+    assert fvis.prepare(tiny, "conv2", "0:2", steps=1, workers=3).workers == 3
+    for bad in (0, -1, 1.5, "two", None):
+        with pytest.raises(InvalidValueError, match=rf"workers must be an integer >= 1 .* or \"auto\"\. "
+                                                    rf"Received: workers={bad!r}"):
+            Settings(workers=bad)
+
+
+def test_a_failing_chunk_lets_the_chunk_running_beside_it_finish_and_be_handed_on():
+    handled, release = [], threading.Event()
+
+    def on_done(name, value):
+        handled.append(name)
+        if value == "nan":
+            release.set()  # the slow chunk ends only after the failure was seen
+            raise NonFiniteError(f"chunk {name}")
+
+    def slow():
+        assert release.wait(10)
+        return ("ok",)
+
+    with pytest.raises(NonFiniteError, match="chunk bad"):
+        with _Running(2, on_done) as running:
+            running.submit(("slow",), slow)
+            running.submit(("bad",), lambda: ("nan",))
+            running.submit(("never",), lambda: ("ok",))  # pragma: no cover (not reached)
+    assert handled == ["bad", "slow"]
+
+
+def test_an_interrupt_in_the_caller_still_hands_on_the_chunk_in_flight():
+    handled = []
+    with pytest.raises(KeyboardInterrupt):
+        with _Running(2, lambda name, value: handled.append((name, value))) as running:
+            running.submit(("a",), lambda: ("done",))
+            raise KeyboardInterrupt
+    assert handled == [("a", "done")]
+
+
+def test_with_one_worker_chunks_run_at_once_in_the_calling_thread():
+    handled = []
+    with _Running(1, lambda name, ran_in: handled.append((name, ran_in))) as running:
+        running.submit(("a",), lambda: (threading.current_thread(),))
+        assert handled == [("a", threading.current_thread())]  # already done, here
+
+
+def test_optimisation_time_counts_chunks_that_ran_at_once_once(tiny):
+    runner = _ChunkRunner(fvis.prepare(tiny, "conv2", "0:2", steps=1), weights=None)
+    runner.spans = [(10.0, 12.0), (11.0, 13.0), (15.0, 16.0), (15.2, 15.5)]
+    assert runner.optimize_s == pytest.approx(4.0)  # [10, 13] and [15, 16]
+    runner.spans = []
+    assert runner.optimize_s == 0.0
+
+
+def test_a_job_resumed_with_other_workers_reuses_its_chunks_and_records_what_ran(tiny, tmp_path):
+    quality, display = Quality(enabled=False), Display(crop=2)
+    first = fvis.run_job(tiny, "conv2", "0:4", tmp_path, settings=Settings(steps=2, batch_size=1, workers=1),
+                         quality=quality, display=display, progress=False)
+    first_images = np.load(tmp_path / "images.npz")["images"]
+    again = fvis.run_job(tiny, "conv2", "0:4", tmp_path, settings=Settings(steps=2, batch_size=1, workers=2),
+                         quality=quality, display=display, progress=False)
+    assert again.attempt["chunks"]["reused"] == 4 and again.attempt["chunks"]["computed"] == 0
+    assert first.results["workers"] == 1 and again.results["workers"] == 2
+    np.testing.assert_array_equal(np.load(tmp_path / "images.npz")["images"], first_images)
