@@ -77,7 +77,8 @@ def ratios(records):
                         "end_to_end_x": base["process_s"] / ours["process_s"], "job_x": base["job_s"] / ours["job_s"],
                         "job_cpu_x": base["job_cpu_s"] / ours["job_cpu_s"],
                         "steady_x": _per_image(base, "step_s") / _per_image(ours, "step_s"),
-                        "steady_best_x": _per_image(base, "step_s_min") / _per_image(ours, "step_s_min")})
+                        "steady_best_x": _per_image(base, "step_s_min") / _per_image(ours, "step_s_min"),
+                        "in_flight_x": _per_image(base, "step_s") / _per_image(ours, "step_s_in_flight")})
     return out
 
 
@@ -106,7 +107,7 @@ def _fmt(v, scale=1.0, digits=2):
 def table(records):
     """A markdown table, one row per measurement."""
     head = ("| run | method | B | loop | prec. | cache | process s | compile s | job s | job CPU s | s/step | "
-            "image-steps/s | GFLOP/s | % peak | RSS GB | load |")
+            "image-steps/s | GFLOP/s | % peak | s/image-step in flight | % peak in flight | RSS GB | load |")
     rows = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in records:
         rows.append("| " + " | ".join([
@@ -117,15 +118,19 @@ def table(records):
             _fmt(r.get("step_s"), digits=3), _fmt(r.get("steady_image_steps_per_s")),
             _fmt(r.get("steady_flops_per_s", r.get("float32", {}).get("best_flops_per_s")), 1e-9, 1),
             _fmt(r.get("steady_fraction_of_peak"), 100, 1),
+            _fmt(r.get("step_s_in_flight"), 1 / max(1, r.get("step_images", 1)), 3),
+            _fmt(r.get("in_flight_fraction_of_peak"), 100, 1),
             _fmt(r.get("host_rss_peak_bytes"), 1e-9), _fmt(r.get("loadavg_1min_before"), digits=1)]) + " |")
     return "\n".join(rows)
 
 
 def ratio_table(summary):
     """A markdown table of the speed-ups over the baselines."""
-    rows = ["| baseline | fvis run | fvis cache | end to end x | job x | job CPU x | steady x (median) | steady x (best) |",
-            "|---|---|---|---|---|---|---|---|"]
+    rows = ["| baseline | fvis run | fvis cache | end to end x | job x | job CPU x | steady x (median) | steady x (best) "
+            "| steady x, fvis steps in flight |",
+            "|---|---|---|---|---|---|---|---|---|"]
     for q in summary["ratios"]:
         rows.append(f"| {q['baseline']} | {q['fvis']} | {q['cache']} | {q['end_to_end_x']:.2f} | {q['job_x']:.2f} "
-                    f"| {q['job_cpu_x']:.2f} | {q['steady_x']:.2f} | {q['steady_best_x']:.2f} |")
+                    f"| {q['job_cpu_x']:.2f} | {q['steady_x']:.2f} | {q['steady_best_x']:.2f} "
+                    f"| {q.get('in_flight_x', float('nan')):.2f} |")
     return "\n".join(rows)

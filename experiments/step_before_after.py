@@ -56,7 +56,16 @@ def main():
     print(f"before {before * 1e3:.1f} ms/step; now {median('now', 'step_s') * 1e3:.1f} ms alone "
           f"({before / median('now', 'step_s'):.2f}x), {median('now', 'step_s_in_flight') * 1e3:.1f} ms per "
           f"image-step with {int(median('now', 'step_workers'))} in flight "
-          f"({before / median('now', 'step_s_in_flight'):.2f}x); CPU: {os.uname().machine}")
+          f"({before / median('now', 'step_s_in_flight'):.2f}x); CPU: {cpu_model()}, {os.cpu_count()} cores")
+
+
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (Linux), else the machine type."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return os.uname().machine
 
 
 if __name__ == "__main__":

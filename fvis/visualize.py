@@ -7,8 +7,8 @@
 
 All input is checked before any compilation. Units are split into fixed chunks
 of `batch_size`; every chunk runs through the same compiled function (the last
-one padded), and each finished chunk can be handed to a store, so a killed job
-loses at most the chunk in flight.
+one padded), `workers` of them at once from their own threads, and each finished
+chunk can be handed to a store, so a killed job loses at most the chunks in flight.
 """
 
 import dataclasses
@@ -410,13 +410,15 @@ class _ChunkRunner:
 
 class _Running:
     """Chunks in flight on up to `workers` threads (none with workers=1: `submit` then runs the
-    chunk at once). `on_done(*tag, *result)` runs in the thread that submits, as chunks end.
-    Leaving the block waits for every chunk; after an error (a chunk's, or the caller's, an
-    interrupt included), the chunks still running are waited for and the ones that succeeded
-    handed to `on_done` too, so finished work is saved, and the first error is raised."""
+    chunk at once). `on_done(*tag, *result)` runs in the thread that submits, for the chunks in the
+    order they were submitted (a chunk that ends early waits for the ones before it), so which
+    error is raised, and what is saved before it, does not depend on timing. Leaving the block
+    waits for every chunk; after an error (a chunk's, or the caller's, an interrupt included), the
+    chunks still running are waited for and the ones that succeeded handed to `on_done` too, so
+    finished work is saved, and the first error is raised."""
 
     def __init__(self, workers, on_done):
-        self.workers, self.on_done, self.futures = workers, on_done, {}
+        self.workers, self.on_done, self.futures = workers, on_done, {}  # future -> tag, in submission order
         self.pool = ThreadPoolExecutor(workers, thread_name_prefix="fvis-chunk") if workers > 1 else None
 
     def __enter__(self):
@@ -427,11 +429,19 @@ class _Running:
             self.on_done(*tag, *fn(*args))
             return
         self.futures[self.pool.submit(fn, *args)] = tag
-        while len(self.futures) >= self.workers:
-            self._collect(wait(self.futures, return_when=FIRST_COMPLETED)[0])
+        while True:
+            self._collect()
+            running = [future for future in self.futures if not future.done()]
+            if len(running) < self.workers:
+                return
+            wait(running, return_when=FIRST_COMPLETED)
 
-    def _collect(self, finished, quiet=False):
-        for future in sorted(finished, key=lambda f: self.futures[f]):
+    def _collect(self, quiet=False):
+        """Hands the finished chunks at the front of the queue to `on_done`, in submission order."""
+        while self.futures:
+            future = next(iter(self.futures))
+            if not future.done():
+                return
             tag = self.futures.pop(future)
             try:
                 self.on_done(*tag, *future.result())
@@ -444,11 +454,11 @@ class _Running:
             return False
         try:
             if kind is None:
-                while self.futures:
-                    self._collect(wait(self.futures, return_when=FIRST_COMPLETED)[0])
+                wait(self.futures)
+                self._collect()
         finally:
             wait(self.futures)
-            self._collect(list(self.futures), quiet=True)
+            self._collect(quiet=True)
             self.pool.shutdown()
         return False
 

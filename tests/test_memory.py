@@ -134,8 +134,9 @@ def stopped_at_call(batch_size, call, monkeypatch):
 
 def test_chunk_out_of_memory_is_retried_at_half_batch_and_resumes_at_it(tmp_path, monkeypatch, caplog):
     """Chunk 1 of 3 runs out at batch 4: chunks 1-2 are computed at 2 (a batch_size=2 run's images),
-    results.json, run.json and the log say so, and a resume continues at 2, byte for byte."""
-    settings = [*FAST, "filters=0:12"]
+    results.json, run.json and the log say so, and a resume continues at 2, byte for byte. One chunk
+    at a time: the injected failures count calls across chunks, which two chunks at once would race for."""
+    settings = [*FAST, "filters=0:12", "workers=1"]
     reference = {b: tmp_path / f"at{b}" for b in (4, 2)}
     for b, folder in reference.items():
         cli.run(composed(*settings, f"batch_size={b}"), folder)
@@ -171,3 +172,18 @@ def test_out_of_memory_at_the_smallest_batch_is_one_error_keeping_finished_chunk
     with pytest.raises(OutOfMemoryError, match=r"Chunk 1 of channel\(conv2\) ran out of memory at batch size 1"):
         cli.run(composed(*FAST, "filters=0:3", "batch_size=1"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "chunks").iterdir()) == ["chunk_00000.npz"]
+
+
+def test_two_chunks_run_at_once_only_where_the_memory_holds_both(tiny, monkeypatch):
+    """workers=2 needs two chunks' estimate; with room for one the job runs them one at a time,
+    with the same images."""
+    one = chunk_estimate(fvis.prepare(tiny, "conv2", "0:4", steps=2, batch_size=1), 1).total
+    runs = {}
+    for budget in (2 * one, 2 * one - 1):
+        with_budget(monkeypatch, budget)
+        job = fvis.prepare(tiny, "conv2", "0:4", steps=2, batch_size=1, workers=2)
+        runs[budget] = job.run(progress=False), job.workers
+    (both, workers_both), (single, workers_single) = runs[2 * one], runs[2 * one - 1]
+    assert (workers_both, workers_single) == (2, 1)
+    assert both.memory["estimate_bytes"] == single.memory["estimate_bytes"] == one
+    np.testing.assert_array_equal(both.images, single.images)

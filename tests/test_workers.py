@@ -33,24 +33,48 @@ def test_workers_auto_is_the_backends_measured_row_and_bad_values_are_refused_na
 
 
 def test_a_failing_chunk_lets_the_chunk_running_beside_it_finish_and_be_handed_on():
-    handled, release = [], threading.Event()
+    handled, started, release = [], threading.Event(), threading.Event()
 
     def on_done(name, value):
         handled.append(name)
         if value == "nan":
-            release.set()  # the slow chunk ends only after the failure was seen
+            release.set()  # the second chunk ends only after the failure was seen
             raise NonFiniteError(f"chunk {name}")
 
+    def bad():
+        assert started.wait(10)  # fails once the second chunk is running
+        return ("nan",)
+
     def slow():
+        started.set()
         assert release.wait(10)
         return ("ok",)
 
     with pytest.raises(NonFiniteError, match="chunk bad"):
         with _Running(2, on_done) as running:
+            running.submit(("bad",), bad)
             running.submit(("slow",), slow)
-            running.submit(("bad",), lambda: ("nan",))
-            running.submit(("never",), lambda: ("ok",))  # pragma: no cover (not reached)
+            running.submit(("never",), lambda: ("ok",))  # not reached: the failure is raised first
     assert handled == ["bad", "slow"]
+
+
+def test_chunks_are_handed_on_in_submission_order_so_the_first_chunks_error_wins():
+    """The second chunk fails first in time; the error raised is the first chunk's, as one at a time."""
+    second_failed, handled = threading.Event(), []
+
+    def first():
+        assert second_failed.wait(10)
+        raise ValueError("first chunk")
+
+    def second():
+        second_failed.set()
+        raise ValueError("second chunk")
+
+    with pytest.raises(ValueError, match="first chunk"):
+        with _Running(2, lambda name: handled.append(name)) as running:
+            running.submit(("a",), first)
+            running.submit(("b",), second)
+    assert handled == []
 
 
 def test_an_interrupt_in_the_caller_still_hands_on_the_chunk_in_flight():
