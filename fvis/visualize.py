@@ -240,6 +240,7 @@ class Job:
                 bar.set_postfix_str("compiling")
                 with ticking(bar):
                     rendered, size, seconds = runner.run(index, chunk_units)
+                running.workers = min(running.workers, self.workers)  # the memory check may allow fewer
                 log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
                          "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
                          self.matmul_precision["effective"])

@@ -1,7 +1,9 @@
 """Chunks optimised at once from several threads (`Settings.workers`): the same images as one at a
 time, finished chunks saved even when a neighbour fails, and the optimisation time counted once."""
 
+import importlib
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -111,3 +113,41 @@ def test_a_job_resumed_with_other_workers_reuses_its_chunks_and_records_what_ran
     assert again.attempt["chunks"]["reused"] == 4 and again.attempt["chunks"]["computed"] == 0
     assert first.results["workers"] == 1 and again.results["workers"] == 2
     np.testing.assert_array_equal(np.load(tmp_path / "images.npz")["images"], first_images)
+
+
+def chunks_at_once(monkeypatch):
+    """A list that ends up holding the most chunks ever optimised at the same time (each chunk
+    held for 50 ms, so that two started together overlap); internals kept to this helper."""
+    visualize = importlib.import_module("fvis.visualize")
+    real, lock, state = visualize._ChunkRunner.run, threading.Lock(), {"now": 0, "most": [0]}
+
+    def run(self, *args):
+        with lock:
+            state["now"] += 1
+            state["most"][0] = max(state["most"][0], state["now"])
+        try:
+            time.sleep(0.05)
+            return real(self, *args)
+        finally:
+            with lock:
+                state["now"] -= 1
+
+    monkeypatch.setattr(visualize._ChunkRunner, "run", run)
+    return state["most"]
+
+
+def test_where_memory_holds_one_chunk_only_chunks_really_run_one_at_a_time(tiny, monkeypatch):
+    """The memory check leaves workers=2 room for one chunk: never two chunks in flight (and
+    results.json's workers, 1, says what ran); with room for two, two do run at once."""
+    from fvis import memory
+    job = fvis.prepare(tiny, "conv2", "0:5", steps=2, batch_size=1)
+    one = job.compile_sized(job.placed_weights(), 1)[1].total
+    most = {}
+    for budget in (2 * one, 2 * one - 1):
+        with monkeypatch.context() as patch:
+            patch.setattr(memory, "host_budget", lambda: (budget, "a test's limit"))
+            seen = chunks_at_once(patch)
+            job = fvis.prepare(tiny, "conv2", "0:5", steps=2, batch_size=1, workers=2)
+            job.run(progress=False)
+            most[budget] = seen[0], job.workers
+    assert most == {2 * one: (2, 2), 2 * one - 1: (1, 1)}
