@@ -2,17 +2,22 @@
 time, finished chunks saved even when a neighbour fails, and the optimisation time counted once."""
 
 import importlib
+import json
 import threading
 import time
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import fvis
-from fvis import devices
+from fvis import cli, devices, outputs
 from fvis.errors import InvalidValueError, NonFiniteError
+from fvis.objectives import Objective
 from fvis.settings import Display, Quality, Settings
 from fvis.visualize import _ChunkRunner, _Running
+from tests.conftest import shared_path
+from tests.test_cli import composed
 
 
 def test_two_workers_give_the_images_and_curves_of_one_bit_for_bit(tiny):
@@ -113,6 +118,141 @@ def test_a_job_resumed_with_other_workers_reuses_its_chunks_and_records_what_ran
     assert again.attempt["chunks"]["reused"] == 4 and again.attempt["chunks"]["computed"] == 0
     assert first.results["workers"] == 1 and again.results["workers"] == 2
     np.testing.assert_array_equal(np.load(tmp_path / "images.npz")["images"], first_images)
+
+
+
+
+FIELDS = ("units", "images", "curves", "final", "grad_norms", "transparency", "snapshots")
+CLI_FAST = ["model=tiny", "layer=conv2", "image_size=[32,32]", "steps=2", "quality.enabled=false"]
+
+
+def nan_at(*bad_units):
+    """conv2's channel mean, NaN for `bad_units` (every step)."""
+    bad = jnp.asarray(bad_units)
+    return Objective(lambda acts, unit: jnp.where(jnp.any(unit == bad), jnp.nan, jnp.mean(acts["conv2"][..., unit])),
+                     layers=["conv2"], name="nan_at")
+
+
+def chunk_files(folder):
+    return sorted(int(p.stem.split("_")[1]) for p in (folder / "chunks").glob("chunk_*.npz"))
+
+
+def test_more_workers_than_chunks_with_a_padded_last_chunk_several_images_and_snapshots_match_one_worker(tiny):
+    """5 units at batch_size 2 (3 chunks, the last padded), 2 images per unit, snapshots, 8 workers:
+    every field equals a one-worker run's."""
+    kw = dict(steps=3, batch_size=2, images_per_unit=2, snapshots=[1, 3], progress=False)
+    one = fvis.visualize(tiny, "conv2", "0:5", workers=1, **kw)
+    many = fvis.visualize(tiny, "conv2", "0:5", workers=8, **kw)
+    assert many.images.shape == (5, 2, 32, 32, 3) and many.snapshots.shape[:3] == (5, 2, 2)
+    for field in FIELDS:
+        np.testing.assert_array_equal(getattr(many, field), getattr(one, field), err_msg=field)
+    assert many.batch_sizes == one.batch_sizes == [2, 2, 2]
+    assert not np.array_equal(many.images[:, 0], many.images[:, 1])  # two different images per unit
+
+
+def test_a_nan_chunk_in_the_middle_names_the_earliest_failing_filter_and_keeps_every_chunk_before_it(tiny, tmp_path):
+    """Filters 4 and 5 give NaN, one unit a chunk, three workers: the error names filter 4 (the
+    earliest, as one at a time), chunks 0-3 are saved, chunk 4 is not, and a resume with one
+    worker reuses what was saved."""
+    settings = Settings(steps=2, batch_size=1, workers=3)
+    quality, display = Quality(enabled=False), Display(crop=2)
+    with pytest.raises(NonFiniteError, match=r"for nan_at, filter 4\. "):
+        fvis.run_job(tiny, nan_at(4, 5), "0:8", tmp_path, settings=settings, quality=quality, display=display,
+                     progress=False)
+    saved = chunk_files(tmp_path)
+    assert saved[:4] == [0, 1, 2, 3] and 4 not in saved and 5 not in saved
+    assert set(saved) <= {0, 1, 2, 3, 6, 7}  # 6 and 7 only if they were running beside 4 and 5
+
+
+def test_an_interrupted_run_with_three_workers_resumes_with_two_to_the_images_of_one_worker(tiny, tmp_path, monkeypatch):
+    """Interrupted after chunk 2 is saved, chunks in flight saved too; chunk 1's file removed; the
+    resume with workers=2 computes the missing chunks only and gives a one-worker run's images."""
+    quality, display = Quality(enabled=False), Display(crop=2)
+    run = lambda folder, workers: fvis.run_job(tiny, "conv2", "0:7", folder, quality=quality, display=display,
+                                               settings=Settings(steps=2, batch_size=1, workers=workers),
+                                               progress=False)
+    run(tmp_path / "ref", 1)
+    real_save = outputs.ChunkStore.save
+
+    def save(self, index, *args, **kwargs):
+        real_save(self, index, *args, **kwargs)
+        if index == 2:
+            raise KeyboardInterrupt
+
+    folder = tmp_path / "run"
+    with monkeypatch.context() as patch:
+        patch.setattr(outputs.ChunkStore, "save", save)
+        with pytest.raises(KeyboardInterrupt):
+            run(folder, 3)
+    saved = chunk_files(folder)
+    assert saved[:4] == [0, 1, 2, 3], saved  # chunk 3 was running beside 1 and 2: kept
+    (folder / "chunks" / "chunk_00001.npz").unlink()
+    again = run(folder, 2)
+    assert again.attempt["chunks"]["reused"] == len(saved) - 1
+    assert again.attempt["chunks"]["computed"] == 7 - len(saved) + 1
+    with np.load(folder / "images.npz") as got, np.load(tmp_path / "ref" / "images.npz") as want:
+        for field in FIELDS:
+            np.testing.assert_array_equal(got[field], want[field], err_msg=field)
+
+
+@pytest.mark.parametrize("value, received", [("0", "0"), ("-1", "-1"), ("two", "'two'"), ("2.5", "2.5"),
+                                             ("true", "True"), ("null", "None")])
+def test_a_bad_workers_from_the_command_line_is_refused_naming_it_before_anything_compiles(tmp_path, monkeypatch,
+                                                                                           value, received):
+    """Hydra hands on ints, floats, strings, booleans and null: each refused, naming the value received."""
+    compiled = []
+    monkeypatch.setattr(importlib.import_module("fvis.chunks"), "lower_chunk",
+                        lambda *a, **k: compiled.append(1))
+    with pytest.raises(InvalidValueError, match=rf"workers must be an integer >= 1 .*Received: workers={received}$"):
+        cli.run(composed(*CLI_FAST, f"workers={value}"), tmp_path / "run")
+    assert compiled == []
+
+
+def test_the_quality_figures_from_the_background_compiled_program_equal_a_fresh_measure(tiny, tmp_path):
+    """Two workers, photos, 2 draws: results.json's quality figures equal `fvis.quality.measure` traced
+    anew on the images written; a second run that reuses every chunk and figure writes the same."""
+    from fvis import quality as quality_lib
+    photos = shared_path("images")
+    quality = Quality(natural_images=str(photos), draws=2)
+    run = lambda: fvis.run_job(tiny, "conv2", "0:3", tmp_path, settings=Settings(steps=2, batch_size=1, workers=2),
+                               quality=quality, display=Display(crop=2), progress=False)
+    first = run().results
+    with np.load(tmp_path / "images.npz") as data:
+        images = data["images"]
+    job = fvis.prepare(tiny, "conv2", "0:3", steps=2)
+    natural = quality_lib.load_photos(photos, tiny.image_size, channels=tiny.channels)
+    records, summary = quality_lib.measure(job.forward, job.objective, job.units, images, natural=natural, draws=2)
+    got = [f["quality"] for f in first["filters"]]
+    assert len(got) == 3 and first["dead_filters"] == [] and sum(r["natural_ratio"] is not None for r in got) >= 1
+    for mine, want in zip(got, records):
+        for key in ("activation", "robustness", "natural_ratio", "spectral_slope"):
+            assert mine[key] == (None if want[key] is None else pytest.approx(want[key], rel=1e-5, abs=1e-6)), key
+        assert [t["activation"] for t in mine["top_natural"]] == pytest.approx(
+            [t["activation"] for t in want["top_natural"]], rel=1e-5, abs=1e-6)
+    assert first["quality"]["rank1_fraction"] == pytest.approx(summary["rank1_fraction"])
+    again = run()
+    assert again.attempt["chunks"]["reused"] == 3 and again.results["quality"] == first["quality"]
+
+
+def test_a_whole_model_job_measures_each_layer_with_its_own_background_program(tiny, tmp_path):
+    """conv1 and conv3 with 5 filters each at two workers: every layer's quality
+    activations equal a fresh `measure` of that layer's images, and its images a one-worker run's."""
+    from fvis import quality as quality_lib
+    layers = ["conv1", "conv3"]
+    common = dict(layers=layers, quality=Quality(draws=1), display=Display(crop=2), progress=False)
+    fvis.run_job(tiny, None, "0:5", tmp_path / "two", settings=Settings(steps=2, batch_size=2, workers=2), **common)
+    fvis.run_job(tiny, None, "0:5", tmp_path / "one", settings=Settings(steps=2, batch_size=2, workers=1),
+                 **{**common, "quality": Quality(enabled=False)})
+    for index, layer in enumerate(layers):
+        folder = f"layers/{index:03d}_{layer}"
+        with np.load(tmp_path / "two" / folder / "images.npz") as two, np.load(tmp_path / "one" / folder / "images.npz") as one:
+            images = two["images"]
+            np.testing.assert_array_equal(images, one["images"], err_msg=layer)
+        job = fvis.prepare(tiny, layer, "0:5", steps=2)
+        records, _ = quality_lib.measure(job.forward, job.objective, job.units, images, draws=1)
+        with open(tmp_path / "two" / folder / "results.json") as f:
+            got = [r["quality"]["activation"] for r in json.load(f)["filters"]]
+        assert got == pytest.approx([r["activation"] for r in records], rel=1e-5, abs=1e-6), layer
 
 
 def chunks_at_once(monkeypatch):
