@@ -7,8 +7,10 @@ Each `measure_*` function returns a JSON-able dict. Times are wall seconds from
 
 import contextlib
 import os
+import platform
 import resource
 import time
+from pathlib import Path
 
 import fvis  # noqa: F401  (selects Keras' JAX backend first)
 import jax
@@ -26,6 +28,16 @@ def environment():
             else __import__("jaxlib").__version__, "keras": keras.__version__, "backend": jax.default_backend(),
             "device_kind": device.device_kind, "device_count": jax.device_count(),
             "cpu_count": os.cpu_count(), "loadavg_1min": os.getloadavg()[0]}
+
+
+def cpu_model():
+    """The CPU's model name as /proc/cpuinfo gives it (Linux; lscpu says no more here), else the
+    processor name Python knows, else "unknown"."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
 
 
 def peak_memory():

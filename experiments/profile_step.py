@@ -13,8 +13,6 @@ round, so all see similar machine load; the table gives the last round.
 import argparse
 import json
 import os
-import platform
-import subprocess
 import sys
 from pathlib import Path
 
@@ -25,6 +23,7 @@ import fvis  # noqa: E402
 import jax  # noqa: E402
 
 import bench_profile  # noqa: E402
+from bench_measure import cpu_model  # noqa: E402
 from fvis import devices  # noqa: E402
 
 SHARED = ROOT.parent / "shared"
@@ -42,15 +41,6 @@ VARIANTS = {
     "cpu_ops": {"cpu_ops": True, "fold_batchnorm": False},
     "cpu_ops + fold_batchnorm": {"cpu_ops": True, "fold_batchnorm": True},
 }
-
-
-def cpu_model():
-    """The CPU's model name, as /proc/cpuinfo or lscpu gives it."""
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        return next(l.split(":", 1)[1].strip() for l in out.splitlines() if l.startswith("Model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
 
 
 def main():

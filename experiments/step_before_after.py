@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bench_measure import cpu_model
+
 HERE = Path(__file__).resolve().parent
 KEYS = ("step_s", "step_s_min", "step_cpu_s", "step_s_in_flight", "step_s_in_flight_min", "step_cpu_s_in_flight",
         "step_workers", "step_flops", "compile_s", "loadavg_1min")
@@ -57,15 +59,6 @@ def main():
           f"({before / median('now', 'step_s'):.2f}x), {median('now', 'step_s_in_flight') * 1e3:.1f} ms per "
           f"image-step with {int(median('now', 'step_workers'))} in flight "
           f"({before / median('now', 'step_s_in_flight'):.2f}x); CPU: {cpu_model()}, {os.cpu_count()} cores")
-
-
-def cpu_model():
-    """The CPU's model name as /proc/cpuinfo gives it (Linux), else the machine type."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        return next(line.split(":", 1)[1].strip() for line in lines if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return os.uname().machine
 
 
 if __name__ == "__main__":

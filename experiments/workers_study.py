@@ -20,6 +20,7 @@ import numpy as np
 
 import fvis
 from fvis import models
+from bench_measure import cpu_model
 
 HERE = Path(__file__).resolve().parent
 
@@ -46,9 +47,7 @@ def main():
                 "compile_s": result.compile_s, "images_equal_workers_1": bool(np.array_equal(result.images, reference)),
                 "loadavg_1min": os.getloadavg()[0]})
             print(json.dumps(rows[-1]), flush=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), "unknown")
-    Path(args.out).write_text(json.dumps({"cpu": cpu, "cores": os.cpu_count(), "jax": jax.__version__, "rows": rows},
+    Path(args.out).write_text(json.dumps({"cpu": cpu_model(), "cores": os.cpu_count(), "jax": jax.__version__, "rows": rows},
                                          indent=1) + "\n")
 
 

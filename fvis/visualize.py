@@ -303,7 +303,7 @@ class _ChunkRunner:
         self.compile_s = 0.0
         self.computed_steps = 0
         self.spans = []  # (start, end) of each chunk's optimisation, perf_counter seconds
-        self.lock = threading.RLock()
+        self.lock = threading.Lock()
 
     @property
     def optimize_s(self):
