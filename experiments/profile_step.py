@@ -37,9 +37,10 @@ MODELS = {
 }
 # Variant name -> the CPU rewrites in force (fvis.devices.AUTO["cpu"] keys).
 VARIANTS = {
-    "no rewrites": {"cpu_ops": False, "fold_batchnorm": False},
-    "cpu_ops": {"cpu_ops": True, "fold_batchnorm": False},
-    "cpu_ops + fold_batchnorm": {"cpu_ops": True, "fold_batchnorm": True},
+    "no rewrites": {"cpu_ops": False, "fold_batchnorm": False, "winograd": False},
+    "cpu_ops": {"cpu_ops": True, "fold_batchnorm": False, "winograd": False},
+    "cpu_ops + fold_batchnorm": {"cpu_ops": True, "fold_batchnorm": True, "winograd": False},
+    "cpu_ops + fold_batchnorm + winograd": {"cpu_ops": True, "fold_batchnorm": True, "winograd": True},
 }
 
 

@@ -15,6 +15,8 @@ call from (seed, unit) alone, so each device, and each host of a multi-host
 job, can build its own shard.
 """
 
+from concurrent.futures import ThreadPoolExecutor
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +107,8 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
 
         scan_chunk.compiled = compiled  # the one compiled program of the chunk
         return scan_chunk, memory.estimate(compiled)
-    init, step, finish = (lowered[name].compile() for name in ("init", "step", "finish"))
+    with ThreadPoolExecutor(3, thread_name_prefix="fvis-compile") as pool:  # XLA compiles without the GIL
+        init, step, finish = pool.map(lambda name: lowered[name].compile(), ("init", "step", "finish"))
 
     def chunk(weights, units):
         state, curves, norms = init(units, seed), [], []

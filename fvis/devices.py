@@ -23,18 +23,19 @@ UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 
 # Defaults per backend, chosen from experiments/results (see its README): units per
 # compiled chunk (at most), the loop form, the CPU-friendly pooling, 1x1 and depthwise convolutions
-# (`Rewrites.cpu_ops`), batch norms folded into convolutions (`Rewrites.fold_batchnorm`), and the images
+# (`Rewrites.cpu_ops`), batch norms folded into convolutions (`Rewrites.fold_batchnorm`), 3x3 convolutions
+# by Winograd's F(2x2, 3x3) (`Rewrites.winograd`; experiments/results/README.md, "Winograd"), and the images
 # per compiled call of the quality report's forwards and the threads that make those calls
 # (fvis.quality; experiments/results/README.md, "The quality report's cost"), and the chunks optimised at
 # once from their own threads (`fvis.Settings.workers`; experiments/results/README.md, "Two chunks at once").
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
-    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": True, "quality_batch_size": 1,
-            "quality_workers": 2, "workers": 2},
-    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "quality_batch_size": 16,
-            "quality_workers": 1, "workers": 1},
-    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "quality_batch_size": 16,
-            "quality_workers": 1, "workers": 1},
+    "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": True, "winograd": True,
+            "quality_batch_size": 1, "quality_workers": 2, "workers": 2},
+    "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "winograd": False,
+            "quality_batch_size": 16, "quality_workers": 1, "workers": 1},
+    "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "winograd": False,
+            "quality_batch_size": 16, "quality_workers": 1, "workers": 1},
 }
 
 

@@ -505,7 +505,8 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
                                 f"it needs images_per_unit >= 2. Received: images_per_unit={settings.images_per_unit}")
     layers = [p for p in objective.layers if p != objectives_lib.INPUT] or [model.default_path]
     rewrites = Rewrites(precision=settings.precision, cpu_ops=devices_lib.auto_setting("cpu_ops"),
-                        fold_batchnorm=devices_lib.auto_setting("fold_batchnorm"), redirect_relu=settings.redirect_relu)
+                        fold_batchnorm=devices_lib.auto_setting("fold_batchnorm"),
+                        winograd=devices_lib.auto_setting("winograd"), redirect_relu=settings.redirect_relu)
     forward = model.forward(layers, rewrites)
     units = parse_units(units, objective.num_units(forward.shapes()))
     mesh = devices_lib.unit_mesh(devices)

@@ -103,6 +103,11 @@ class Rewrites:
             float rounding, one elementwise pass and its gradient fewer per pair (see
             `fvis.models.keras_ops.batchnorm_folds`). Only at precision="float32"; models
             without such pairs ignore it.
+        winograd: stride-1 3x3 convolutions of the sizes where it pays on XLA's CPU backend
+            (`fvis.models.winograd.worthwhile`) are computed by Winograd's F(2x2, 3x3), their
+            input gradients too: the same values to float32 rounding (Lavin and Gray 2016,
+            https://arxiv.org/abs/1509.09308; see `fvis.models.winograd`). Only at
+            precision="float32"; models without such convolutions ignore it.
         redirect_relu: every ReLU and ReLU6 the model computes through `jax.nn` (all
             Keras and Flax forms) passes gradient towards firing where it would pass
             none (Lucid's redirected ReLU): the same values; a unit dead on the start
@@ -115,6 +120,7 @@ class Rewrites:
     precision: str = "float32"
     cpu_ops: bool = False
     fold_batchnorm: bool = False
+    winograd: bool = False
     redirect_relu: bool = False
     logits: bool = True
 

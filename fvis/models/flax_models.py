@@ -19,6 +19,7 @@ the linen variables) are an argument of the compiled call: the NNX module is
 split with `nnx.split` and merged inside the traced function.
 """
 
+import functools
 import importlib
 from importlib import metadata
 from pathlib import Path
@@ -30,6 +31,7 @@ from jax.extend import core as jax_core
 
 from fvis.errors import InvalidTypeError, InvalidValueError, MissingFileError, UnknownNameError, did_you_mean
 from fvis.models import slices
+from fvis.models import winograd as winograd_lib
 from fvis.models.base import VisModel, check_channels, check_image_size
 
 OUTPUT = "output"  # the path of the whole model's output
@@ -55,8 +57,9 @@ class FlaxModel(VisModel):
     layer computes in bfloat16) and returns float32 activations. `Rewrites.cpu_ops`
     runs the stride-1 1x1 `nnx.Conv`s of an NNX module as dot products, as it does for
     Keras (`fvis.models.keras_ops`: the same values, faster gradients on XLA's CPU
-    backend, and the same arithmetic as the Keras twin of a model); it leaves max
-    pooling (a function in Flax, not a module) and linen modules as they are.
+    backend, and the same arithmetic as the Keras twin of a model), `Rewrites.winograd`
+    its 3x3 ones by Winograd (`fvis.models.winograd`); they leave max pooling (a
+    function in Flax, not a module) and linen modules as they are.
 
     Attributes:
         module: the user's `nnx.Module` or `linen.Module`, never modified.
@@ -112,7 +115,8 @@ class FlaxModel(VisModel):
 
     def call(self, paths, rewrites):
         float32 = rewrites.precision == "float32"
-        run, paths = self._source.capture(cpu_ops=rewrites.cpu_ops, float32=float32), list(paths)
+        run = self._source.capture(cpu_ops=rewrites.cpu_ops, winograd=rewrites.winograd and float32, float32=float32)
+        paths = list(paths)
 
         def fn(weights, x):
             weights, x = _cast((weights, x), jnp.float32 if float32 else jnp.bfloat16)
@@ -190,19 +194,20 @@ class _Nnx:
     def weights(self):
         return self._split()[2]
 
-    def capture(self, cpu_ops=False, float32=False):
+    def capture(self, cpu_ops=False, float32=False, winograd=False):
         """`run(weights, x) -> {path: output}`; `cpu_ops` runs 1x1 convolutions as dots and depthwise
-        ones as slices, `float32`
-        makes every layer built with a 16-bit `dtype` compute in float32 (on a copy)."""
+        ones as slices, `winograd` the 3x3 ones `fvis.models.winograd.worthwhile` picks by Winograd,
+        `float32` makes every layer built with a 16-bit `dtype` compute in float32 (on a copy)."""
         from flax import nnx
 
         graphdef, rng_state, _ = self._split()
+        conv = functools.partial(_cpu_conv, cpu_ops=cpu_ops, winograd=winograd)
 
         def run(state, x):
             module = nnx.merge(graphdef, rng_state, state)  # a copy, inside the trace: it may be changed
             for _, layer in nnx.iter_modules(module):
-                if cpu_ops and isinstance(layer, nnx.Conv):
-                    layer.conv_general_dilated = _cpu_conv
+                if (cpu_ops or winograd) and isinstance(layer, nnx.Conv):
+                    layer.conv_general_dilated = conv
                 if float32 and getattr(layer, "dtype", None) is not None:
                     layer.dtype = jnp.float32  # a layer built to compute in (b)float16
             before = _state_leaves(module)
@@ -214,10 +219,13 @@ class _Nnx:
 
 
 def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                      dimension_numbers=None, feature_group_count=1, precision=None, **kwargs):
-    """`lax.conv_general_dilated` with a stride-1 1x1 NHWC convolution as a dot product
-    (`keras_ops.conv_cpu_conv`'s arithmetic) and an NHWC depthwise convolution as slices
-    (`fvis.models.slices.depthwise_conv`); any other convolution is passed on unchanged."""
+              dimension_numbers=None, feature_group_count=1, precision=None, *, cpu_ops=True, winograd=False,
+              **kwargs):
+    """`lax.conv_general_dilated` with, under `cpu_ops`, a stride-1 1x1 NHWC convolution as a dot product
+    (`keras_ops.conv_pointwise_as_dot`'s arithmetic) and an NHWC depthwise convolution as slices
+    (`fvis.models.slices.depthwise_conv`), and under `winograd` an NHWC stride-1 3x3 one that
+    `winograd.worthwhile` picks by Winograd (`keras_ops.conv_3x3_by_winograd`'s arithmetic); any
+    other convolution is passed on unchanged."""
     ones = lambda v: v is None or all(d == 1 for d in v)
     nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
     pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and ones(window_strides) and ones(lhs_dilation)
@@ -227,8 +235,16 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
                  and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
     plain = (ones(lhs_dilation) and precision is None and all(v is None for v in kwargs.values())
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
-    depthwise = (plain and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
+    depthwise = (cpu_ops and plain and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
                  and (padding in ("SAME", "VALID") or not isinstance(padding, str)))
+    if winograd and plain and feature_group_count == 1 and rhs.ndim == 4 and rhs.shape[:2] == (3, 3):
+        strides = tuple(window_strides or (1, 1))
+        pads = (jax.lax.padtype_to_pads(lhs.shape[1:-1], (3, 3), strides, padding) if isinstance(padding, str)
+                else [tuple(p) for p in padding])
+        pads = tuple(tuple(int(v) for v in p) for p in pads)
+        if (winograd_lib.applies(lhs.shape, rhs.shape, strides, tuple(rhs_dilation or (1, 1)), pads)
+                and winograd_lib.worthwhile(lhs.shape, rhs.shape)):
+            return winograd_lib.conv3x3(lhs, rhs, pads)
     if depthwise:  # HWIO (kh, kw, 1, C * m) -> (kh, kw, C, m): output channel i * m + j in both
         spatial = lhs.shape[1:-1]
         strides = tuple(window_strides or (1,) * len(spatial))
@@ -238,7 +254,7 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
                 else [tuple(p) for p in padding])
         kernel = rhs.reshape(*rhs.shape[:-2], lhs.shape[-1], rhs.shape[-1] // lhs.shape[-1])
         return slices.depthwise_conv(lhs, kernel, strides, pads, dilation)
-    if not pointwise:
+    if not (cpu_ops and pointwise):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)
     return jnp.tensordot(lhs, rhs.reshape(rhs.shape[-2:]), axes=1)
@@ -272,8 +288,8 @@ class _Linen:
     def weights(self):
         return self.variables
 
-    def capture(self, cpu_ops=False, float32=False):
-        """See `_Nnx.capture`; a Linen module's `dtype` fields are frozen, so `float32` casts
+    def capture(self, cpu_ops=False, float32=False, winograd=False):
+        """See `_Nnx.capture` (`cpu_ops` and `winograd` are for NNX modules only); a Linen module's `dtype` fields are frozen, so `float32` casts
         only the weights and the input (a layer built with dtype=float16 stays float16, and
         `Forward.facts` records it)."""
         import flax

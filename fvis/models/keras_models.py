@@ -103,9 +103,11 @@ class KerasModel(VisModel):
         folds = (keras_ops.batchnorm_folds(extractor, [keras_layers.get_layer(self.model, p) for p in paths])
                  if rewrites.fold_batchnorm and rewrites.precision == "float32" else [])
 
+        winograd = rewrites.winograd and rewrites.precision == "float32"
+
         def run(weights, x):
-            with (_layer_policy(extractor, _POLICIES[rewrites.precision]), keras_ops.cpu_ops(rewrites.cpu_ops),
-                  keras_ops.folded_batchnorm(folds)):
+            with (_layer_policy(extractor, _POLICIES[rewrites.precision]),
+                  keras_ops.cpu_ops(rewrites.cpu_ops, winograd=winograd), keras_ops.folded_batchnorm(folds)):
                 outputs, _ = extractor.stateless_call(*weights, x, training=False)
             if not isinstance(outputs, (list, tuple)):  # Keras unwraps a one-output model
                 outputs = [outputs]

@@ -1,4 +1,4 @@
-"""Two Keras ops rewritten so that XLA's CPU backend differentiates them fast.
+"""Keras ops rewritten so that XLA's CPU backend differentiates them fast.
 
 Same values, same gradients (to float rounding); fvis swaps them in only while it
 traces the model (`cpu_ops`), on the backends where `fvis.devices.AUTO` says it pays.
@@ -17,9 +17,13 @@ the (N*H*W, C_in) pixels with the (C_in, C_out) kernel; XLA's CPU backend runs i
 and its input gradient as dots, close to its matmul peak, while its convolution
 path reached about half of that (ResNet50V2 step: 18% less time, the same
 objective values to the last bit, experiments/results).
+
+Stride-1 3x3 convolutions by Winograd's F(2x2, 3x3) (`fvis.models.winograd`), where
+`winograd.worthwhile` says it pays: the same values to float32 rounding.
 """
 
 import contextlib
+import functools
 
 import jax.numpy as jnp
 import keras
@@ -29,7 +33,7 @@ from keras.src.layers import BatchNormalization
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 
-from fvis.models import slices
+from fvis.models import slices, winograd
 
 
 def _per_dim(value, n):
@@ -88,6 +92,30 @@ def conv_pointwise_as_dot(inputs, kernel, strides=1, padding="valid", data_forma
 _KERAS_CONV = keras_backend.nn.conv
 
 
+def conv_3x3_by_winograd(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1, *,
+                         otherwise=_KERAS_CONV):
+    """`keras.ops.conv` (JAX backend), with the stride-1 3x3 convolutions that `winograd.worthwhile` picks
+    computed by `fvis.models.winograd.conv3x3`.
+
+    Args:
+        inputs: (N, H, W, C_in) channels_last for the Winograd path; kernel: (3, 3, C_in, C_out).
+        strides, padding, data_format, dilation_rate: as `keras.ops.conv`; any other convolution
+            goes to `otherwise` (Keras' own implementation, or `conv_pointwise_as_dot`).
+
+    Returns:
+        (N, H', W', C_out), Keras' result to float32 rounding.
+    """
+    kernel_shape, x_shape = tuple(kernel.shape), tuple(inputs.shape)
+    if (len(kernel_shape) == 4 and keras_backend.standardize_data_format(data_format) == "channels_last"
+            and padding.lower() in ("same", "valid")):
+        pads = ((1, 1), (1, 1)) if padding.lower() == "same" else ((0, 0), (0, 0))
+        if (winograd.applies(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads)
+                and winograd.worthwhile(x_shape, kernel_shape)):
+            return winograd.conv3x3(keras_backend.convert_to_tensor(inputs), keras_backend.convert_to_tensor(kernel),
+                                    pads)
+    return otherwise(inputs, kernel, strides, padding, data_format, dilation_rate)
+
+
 def depthwise_conv_by_slices(inputs, kernel, strides=1, padding="valid", data_format=None, dilation_rate=1):
     """`keras.ops.depthwise_conv` (JAX backend) as a sum of shifted, strided slices times the kernel's taps
     (`fvis.models.slices.depthwise_conv`).
@@ -115,15 +143,19 @@ def depthwise_conv_by_slices(inputs, kernel, strides=1, padding="valid", data_fo
 
 
 @contextlib.contextmanager
-def cpu_ops(enabled=True):
-    """Inside the block, Keras layers on the JAX backend max-pool with `max_pool_by_slices`
-    and run 1x1 convolutions with `conv_pointwise_as_dot`."""
-    if not enabled:
+def cpu_ops(enabled=True, winograd=False):
+    """Inside the block, Keras layers on the JAX backend max-pool with `max_pool_by_slices`,
+    run 1x1 convolutions with `conv_pointwise_as_dot` and depthwise ones with
+    `depthwise_conv_by_slices` (`enabled`), and 3x3 ones with `conv_3x3_by_winograd` (`winograd`)."""
+    if not (enabled or winograd):
         yield
         return
     nn = keras_backend.nn
     saved = nn.max_pool, nn.conv, nn.depthwise_conv
-    nn.max_pool, nn.conv, nn.depthwise_conv = max_pool_by_slices, conv_pointwise_as_dot, depthwise_conv_by_slices
+    if enabled:
+        nn.max_pool, nn.conv, nn.depthwise_conv = max_pool_by_slices, conv_pointwise_as_dot, depthwise_conv_by_slices
+    if winograd:
+        nn.conv = functools.partial(conv_3x3_by_winograd, otherwise=nn.conv)
     try:
         yield
     finally:
