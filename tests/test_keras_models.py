@@ -216,7 +216,8 @@ def test_rewrites_leave_the_users_model_and_keras_as_they_were():
     before, out_before = _state(net), np.asarray(net(probe))
     for precision in ("float32", "bfloat16"):
         job = fvis.prepare(model, "pointwise", [0, 1], steps=2, precision=precision)
-        assert job.forward.rewrites == models.Rewrites(precision, cpu_ops=True, fold_batchnorm=True)  # CPU default
+        assert job.forward.rewrites == models.Rewrites(precision, cpu_ops=True, fold_batchnorm=True,
+                                                       winograd=True)  # the CPU defaults
         job.run(progress=False)
     after = _state(net)
     assert before[0] == after[0] and before[2:] == after[2:]

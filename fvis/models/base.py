@@ -107,7 +107,8 @@ class Rewrites:
             (`fvis.models.winograd.worthwhile`) are computed by Winograd's F(2x2, 3x3), their
             input gradients too: the same values to float32 rounding (Lavin and Gray 2016,
             https://arxiv.org/abs/1509.09308; see `fvis.models.winograd`). Only at
-            precision="float32"; models without such convolutions ignore it.
+            precision="float32"; models without such convolutions ignore it. Reverse-mode
+            differentiation only (forward mode through the model raises).
         redirect_relu: every ReLU and ReLU6 the model computes through `jax.nn` (all
             Keras and Flax forms) passes gradient towards firing where it would pass
             none (Lucid's redirected ReLU): the same values; a unit dead on the start

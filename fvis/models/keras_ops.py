@@ -33,7 +33,8 @@ from keras.src.layers import BatchNormalization
 from keras.src.layers.convolutional.base_conv import BaseConv
 from keras.src.layers.convolutional.base_depthwise_conv import BaseDepthwiseConv
 
-from fvis.models import slices, winograd
+from fvis.models import slices
+from fvis.models import winograd as winograd_lib
 
 
 def _per_dim(value, n):
@@ -109,9 +110,9 @@ def conv_3x3_by_winograd(inputs, kernel, strides=1, padding="valid", data_format
     if (len(kernel_shape) == 4 and keras_backend.standardize_data_format(data_format) == "channels_last"
             and padding.lower() in ("same", "valid")):
         pads = ((1, 1), (1, 1)) if padding.lower() == "same" else ((0, 0), (0, 0))
-        if (winograd.applies(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads)
-                and winograd.worthwhile(x_shape, kernel_shape)):
-            return winograd.conv3x3(keras_backend.convert_to_tensor(inputs), keras_backend.convert_to_tensor(kernel),
+        if (winograd_lib.applies(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads)
+                and winograd_lib.worthwhile(x_shape, kernel_shape)):
+            return winograd_lib.conv3x3(keras_backend.convert_to_tensor(inputs), keras_backend.convert_to_tensor(kernel),
                                     pads)
     return otherwise(inputs, kernel, strides, padding, data_format, dilation_rate)
 

@@ -13,7 +13,9 @@ CPU backend ran the stride-1 3x3 convolutions and their input gradients this way
 The input gradient of a stride-1 3x3 convolution is itself one (of the padded output
 gradient, kernel flipped and its channel axes swapped), so it runs by Winograd too
 (`conv3x3`'s custom VJP); the kernel's gradient is a library convolution, which XLA
-drops where nothing uses it (fvis differentiates the image only).
+drops where nothing uses it (fvis differentiates the image only). Being a custom VJP, it
+supports reverse-mode differentiation only: forward mode (`jax.jvp`, `jax.jacfwd`) through
+it raises JAX's error; fvis only uses `jax.grad`.
 """
 
 import jax
