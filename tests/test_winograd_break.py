@@ -199,3 +199,18 @@ def test_flax_at_bfloat16_keeps_the_library_convolution():
     assert _dots(on, w, x, "b") == 0
     read = lambda fwd: jax.jit(lambda x: fwd(w, x)["b"])(x)
     np.testing.assert_array_equal(read(on), read(off))
+
+
+def test_keras_layer_with_bfloat16_weights_keeps_keras_values_and_has_an_input_gradient():
+    """A Conv2D built with dtype="bfloat16" keeps bfloat16 weights under fvis' float32 policy; Keras then
+    convolves in its kernel's dtype. With Winograd on: Keras' values and input gradient (the rewrite takes
+    float32 operands only), not a mixed-dtype Winograd that differs by bfloat16 rounding and whose
+    backward pass raises."""
+    forward = _keras_model(_keras_conv(dtype="bfloat16")).forward(["out"])
+    w = forward.weights()
+    x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (20, 18, 3)), jnp.float32)
+    on, off = _forward_with(forward, winograd=True, cpu_ops=True), _forward_with(forward, cpu_ops=True)
+    read = lambda fwd: jax.jit(lambda x: fwd(w, x)["out"])(x)
+    np.testing.assert_array_equal(read(on), read(off))
+    grad = lambda fwd: jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(fwd(w, x)["out"]))))(x)
+    np.testing.assert_array_equal(grad(on), grad(off))
