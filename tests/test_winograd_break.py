@@ -174,8 +174,12 @@ def test_a_job_of_two_images_per_unit_in_batches_of_two_keeps_its_images(monkeyp
 
 
 def test_turned_off_no_convolution_reaches_winograd(monkeypatch):
-    """AUTO["cpu"]["winograd"] False: the job never calls Winograd (a stand-in that raises) and its images are
-    bit-equal to those of the job before the stand-in; turned on, the same job reaches it."""
+    """AUTO["cpu"]["winograd"] True: the job reaches Winograd (a stand-in that raises while the step is traced);
+    then False: the job never calls it, and its images are bit-equal to those of the job before the stand-in
+    (Keras' own convolution is back after the failed trace; cpu_ops off, so nothing else replaces it)."""
+    from fvis import devices
+
+    monkeypatch.setitem(devices.AUTO["cpu"], "cpu_ops", False)
     model = fvis.models.tiny_convnet(width=16)
     before = _job(model, False, monkeypatch)
 
@@ -183,9 +187,9 @@ def test_turned_off_no_convolution_reaches_winograd(monkeypatch):
         raise _Called
 
     monkeypatch.setattr(winograd, "conv3x3", called)
-    np.testing.assert_array_equal(_job(model, False, monkeypatch).images, before.images)
     with pytest.raises(_Called):
         _job(model, True, monkeypatch)
+    np.testing.assert_array_equal(_job(model, False, monkeypatch).images, before.images)
 
 
 def test_flax_at_bfloat16_keeps_the_library_convolution():
