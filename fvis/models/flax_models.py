@@ -227,7 +227,8 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
     `winograd.worthwhile` picks by Winograd (`keras_ops.conv_3x3_by_winograd`'s arithmetic); any
     other convolution is passed on unchanged."""
     ones = lambda v: v is None or all(d == 1 for d in v)
-    nhwc = jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+    nhwc = (jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, ("NHWC", "HWIO", "NHWC"))
+            if lhs.ndim == rhs.ndim == 4 else None)  # a 1-D or 3-D convolution is never NHWC
     pointwise = (rhs.ndim == 4 and rhs.shape[:2] == (1, 1) and ones(window_strides) and ones(lhs_dilation)
                  and ones(rhs_dilation) and feature_group_count == 1 and precision is None
                  and all(v is None for v in kwargs.values())

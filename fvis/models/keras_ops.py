@@ -99,7 +99,8 @@ def conv_3x3_by_winograd(inputs, kernel, strides=1, padding="valid", data_format
     computed by `fvis.models.winograd.conv3x3`.
 
     Args:
-        inputs: (N, H, W, C_in) channels_last for the Winograd path; kernel: (3, 3, C_in, C_out).
+        inputs: (N, H, W, C_in) channels_last for the Winograd path; kernel: (3, 3, C_in, C_out); both
+            float32 (Keras convolves in the kernel's dtype: a layer's bfloat16 weights go to `otherwise`).
         strides, padding, data_format, dilation_rate: as `keras.ops.conv`; any other convolution
             goes to `otherwise` (Keras' own implementation, or `conv_pointwise_as_dot`).
 
@@ -107,7 +108,8 @@ def conv_3x3_by_winograd(inputs, kernel, strides=1, padding="valid", data_format
         (N, H', W', C_out), Keras' result to float32 rounding.
     """
     kernel_shape, x_shape = tuple(kernel.shape), tuple(inputs.shape)
-    if (len(kernel_shape) == 4 and keras_backend.standardize_data_format(data_format) == "channels_last"
+    float32 = all(keras_backend.standardize_dtype(a.dtype) == "float32" for a in (inputs, kernel))
+    if (float32 and len(kernel_shape) == 4 and keras_backend.standardize_data_format(data_format) == "channels_last"
             and padding.lower() in ("same", "valid")):
         pads = ((1, 1), (1, 1)) if padding.lower() == "same" else ((0, 0), (0, 0))
         if (winograd_lib.applies(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads)
