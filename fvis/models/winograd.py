@@ -114,18 +114,19 @@ def applies(x_shape, kernel_shape, strides, dilation, pads):
 
 def worthwhile(x_shape, kernel_shape):
     """Whether `conv3x3` is expected to beat the library convolution on XLA's CPU backend: feature
-    maps of 16x16 to 64x64 pixels, at least 32 channels in and out, and C_in * C_out <= 128 * 128.
+    maps of 16x16 to 48x48 pixels, at least 32 channels in and out, and C_in * C_out <= 128 * 128.
 
-    Measured on a 2-core AMD EPYC, forward and input gradient (experiments/results/README.md,
-    "Winograd"): it won at 45x45 with 64 channels and 23x23 with 128 (ResNet50V2's second and
-    third stages at 180 pixels: the step 8-9% faster in throughput), was neutral at 56x56 and
-    28x28 (224 pixels), and lost alone at 12x12 and 14x14 with 256 channels and 7x7 with 512
-    (tiny matrix products, a large kernel transform), at 112x112 with 64 (the transformed tiles
-    outgrow the caches) and at 180x180 with 3 channels in.
+    Measured on a 2-core AMD EPYC (experiments/results/README.md, "Winograd"): in the ResNet50V2
+    step at 180 pixels (45x45 maps with 64 channels, 23x23 with 128) two steps in flight ran 8-9%
+    faster; at 224 pixels (56x56 with 64, 28x28 with 128) the optimisation was as fast either way
+    and compiling took longer, so 56x56 maps stay with the library. One convolution alone lost at
+    12x12 and 14x14 with 256 channels and 7x7 with 512 (tiny matrix products, a large kernel
+    transform), at 112x112 with 64 (the transformed tiles outgrow the caches) and at 180x180 with
+    3 channels in.
     """
     _, h, w, c_in = x_shape
     c_out = kernel_shape[-1]
-    return 16 <= h <= 64 and 16 <= w <= 64 and min(c_in, c_out) >= 32 and c_in * c_out <= 128 * 128
+    return 16 <= h <= 48 and 16 <= w <= 48 and min(c_in, c_out) >= 32 and c_in * c_out <= 128 * 128
 
 
 def conv3x3(x, kernel, pads=((0, 0), (0, 0))):
