@@ -197,3 +197,18 @@ def test_a_job_with_winograd_gives_the_images_of_a_job_without(monkeypatch):
     assert np.max(np.abs(results[True].images - results[False].images)) < 1e-4
     np.testing.assert_allclose(results[True].curves, results[False].curves, rtol=1e-4, atol=1e-6)
     assert np.all(results[True].curves[..., -1] != results[True].curves[..., 0])
+
+
+def test_mobilenet_has_no_convolution_winograd_takes(monkeypatch):
+    """MobileNet's 3x3 convolutions are depthwise or strided: with the CPU defaults its trace reaches
+    the Winograd hook but never `conv3x3` (its speed is unchanged); a ResNet-like 3x3 block does."""
+    from fvis.models import keras_ops
+    calls, real = [], winograd.conv3x3
+    monkeypatch.setattr(keras_ops.winograd_lib, "conv3x3", lambda *a: calls.append(a) or real(*a))
+    mobilenet = fvis.models.keras_application("MobileNet", alpha=0.25, weights=None, image_size=(96, 96))
+    forward = mobilenet.forward(["conv_pw_5_relu"], fvis.models.Rewrites(cpu_ops=True, winograd=True))
+    jax.jit(lambda x: forward(forward.weights(), x)).lower(jnp.zeros((96, 96, 3)))  # maps of 48, 24 and 12 px
+    assert calls == []
+    _keras_model().forward(["c"], fvis.models.Rewrites(winograd=True))(
+        _keras_model().forward(["c"]).weights(), jnp.zeros((24, 24, 3)))
+    assert len(calls) == 2
