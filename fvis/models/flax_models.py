@@ -290,9 +290,9 @@ class _Linen:
         return self.variables
 
     def capture(self, cpu_ops=False, float32=False, winograd=False):
-        """See `_Nnx.capture` (`cpu_ops` and `winograd` are for NNX modules only); a Linen module's `dtype` fields are frozen, so `float32` casts
-        only the weights and the input (a layer built with dtype=float16 stays float16, and
-        `Forward.facts` records it)."""
+        """See `_Nnx.capture` (`cpu_ops` and `winograd` are for NNX modules only); a Linen module's
+        `dtype` fields are frozen, so `float32` casts only the weights and the input (a layer built
+        with dtype=float16 stays float16, and `Forward.facts` records it)."""
         import flax
         import flax.linen as nn
 

@@ -76,8 +76,8 @@ def _valid(x, filters, contract=1):
 
 
 # G g reversed along the taps is G applied to the reversed taps: positions 0 and 3 swap, 1 and 2 stay.
-_FLIPPED = [3 * 4 + 3, 3 * 4 + 1, 3 * 4 + 2, 3 * 4 + 0, 1 * 4 + 3, 1 * 4 + 1, 1 * 4 + 2, 1 * 4 + 0,
-            2 * 4 + 3, 2 * 4 + 1, 2 * 4 + 2, 2 * 4 + 0, 0 * 4 + 3, 0 * 4 + 1, 0 * 4 + 2, 0 * 4 + 0]
+_REVERSED = (3, 1, 2, 0)
+_FLIPPED = [4 * _REVERSED[a] + _REVERSED[b] for a in range(4) for b in range(4)]
 
 
 @jax.custom_vjp
