@@ -11,10 +11,7 @@ from jax import lax
 
 import fvis
 from fvis.models import winograd
-
-
-def _relative(a, b):
-    return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+from tests.test_winograd import _relative
 
 
 def _forward_with(forward, **rewrites):

@@ -238,23 +238,18 @@ def _cpu_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation
              and jax.lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers) == nhwc)
     depthwise = (cpu_ops and plain and feature_group_count == lhs.shape[-1] > 1 and rhs.shape[-2] == 1
                  and (padding in ("SAME", "VALID") or not isinstance(padding, str)))
-    if winograd and plain and feature_group_count == 1 and rhs.ndim == 4 and rhs.shape[:2] == (3, 3):
-        strides = tuple(window_strides or (1, 1))
-        pads = (jax.lax.padtype_to_pads(lhs.shape[1:-1], (3, 3), strides, padding) if isinstance(padding, str)
-                else [tuple(p) for p in padding])
-        pads = tuple(tuple(int(v) for v in p) for p in pads)
-        if (winograd_lib.applies(lhs.shape, rhs.shape, strides, tuple(rhs_dilation or (1, 1)), pads)
-                and winograd_lib.worthwhile(lhs.shape, rhs.shape)):
-            return winograd_lib.conv3x3(lhs, rhs, pads)
-    if depthwise:  # HWIO (kh, kw, 1, C * m) -> (kh, kw, C, m): output channel i * m + j in both
+    if plain and (winograd or depthwise):
         spatial = lhs.shape[1:-1]
         strides = tuple(window_strides or (1,) * len(spatial))
         dilation = tuple(rhs_dilation or (1,) * len(spatial))
         extent = [(w - 1) * d + 1 for w, d in zip(rhs.shape[:-2], dilation)]
         pads = (jax.lax.padtype_to_pads(spatial, extent, strides, padding) if isinstance(padding, str)
-                else [tuple(p) for p in padding])
-        kernel = rhs.reshape(*rhs.shape[:-2], lhs.shape[-1], rhs.shape[-1] // lhs.shape[-1])
-        return slices.depthwise_conv(lhs, kernel, strides, pads, dilation)
+                else [tuple(int(v) for v in p) for p in padding])
+        if winograd and winograd_lib.takes(lhs.shape, rhs.shape, strides, dilation, pads):
+            return winograd_lib.conv3x3(lhs, rhs, pads)
+        if depthwise:  # HWIO (kh, kw, 1, C * m) -> (kh, kw, C, m): output channel i * m + j in both
+            kernel = rhs.reshape(*rhs.shape[:-2], lhs.shape[-1], rhs.shape[-1] // lhs.shape[-1])
+            return slices.depthwise_conv(lhs, kernel, strides, pads, dilation)
     if not (cpu_ops and pointwise):
         return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation, rhs_dilation,
                                             dimension_numbers, feature_group_count, precision=precision, **kwargs)

@@ -112,8 +112,7 @@ def conv_3x3_by_winograd(inputs, kernel, strides=1, padding="valid", data_format
     if (float32 and len(kernel_shape) == 4 and keras_backend.standardize_data_format(data_format) == "channels_last"
             and padding.lower() in ("same", "valid")):
         pads = ((1, 1), (1, 1)) if padding.lower() == "same" else ((0, 0), (0, 0))
-        if (winograd_lib.applies(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads)
-                and winograd_lib.worthwhile(x_shape, kernel_shape)):
+        if winograd_lib.takes(x_shape, kernel_shape, _per_dim(strides, 2), _per_dim(dilation_rate, 2), pads):
             x, kernel = keras_backend.convert_to_tensor(inputs), keras_backend.convert_to_tensor(kernel)
             return winograd_lib.conv3x3(x, kernel, pads)
     return otherwise(inputs, kernel, strides, padding, data_format, dilation_rate)

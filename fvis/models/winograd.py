@@ -129,6 +129,12 @@ def worthwhile(x_shape, kernel_shape):
     return 16 <= h <= 48 and 16 <= w <= 48 and min(c_in, c_out) >= 32 and c_in * c_out <= 128 * 128
 
 
+def takes(x_shape, kernel_shape, strides, dilation, pads):
+    """Whether a model rewrite should compute this convolution by `conv3x3`: it `applies` and is
+    `worthwhile` (the one test the Keras and Flax hooks share)."""
+    return applies(x_shape, kernel_shape, strides, dilation, pads) and worthwhile(x_shape, kernel_shape)
+
+
 def conv3x3(x, kernel, pads=((0, 0), (0, 0))):
     """A stride-1 3x3 convolution by Winograd's F(2x2, 3x3) (Lavin and Gray 2016,
     https://arxiv.org/abs/1509.09308).
