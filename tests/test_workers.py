@@ -185,9 +185,9 @@ def test_an_interrupted_run_with_three_workers_resumes_with_two_to_the_images_of
         with pytest.raises(KeyboardInterrupt):
             run(folder, 3)
     saved = chunk_files(folder)
-    # chunk 3 is kept where it was submitted before chunk 2 ended (on a loaded machine it may not be:
-    # test_an_interrupt_in_the_caller_still_hands_on_the_chunk_in_flight checks that deterministically)
-    assert saved[:3] == [0, 1, 2] and set(saved) <= {0, 1, 2, 3}, saved
+    # the chunks in flight beside chunk 2 (3, and 4 where chunk 1 ended first: timing) are kept, handed on in
+    # order; test_an_interrupt_in_the_caller_still_hands_on_the_chunk_in_flight checks that deterministically
+    assert saved == list(range(len(saved))) and 3 <= len(saved) < 7, saved
     (folder / "chunks" / "chunk_00001.npz").unlink()
     again = run(folder, 2)
     assert again.attempt["chunks"]["reused"] == len(saved) - 1
