@@ -50,12 +50,14 @@ def to_host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units):
+def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, each=None):
     """Traces and lowers the optimisation of one chunk of `len(units)` units, without compiling.
 
     Takes the arguments of `compile_chunk`. The seed is an argument of the programs, not a
     constant: jobs that differ only in their seed (a sweep) compile the same programs, so the
-    compilation cache serves all but the first (key(uint32 s) == key(int s)).
+    compilation cache serves all but the first (key(uint32 s) == key(int s)). `each(name,
+    lowered)`, when given, is called as each program is lowered, the largest first ("step"
+    before "init" and "finish"), so its compilation can start while the others are traced.
 
     Returns:
         ({name: `jax.stages.Lowered`}: "scan" for loop="scan"; "init", "step" and "finish" for
@@ -65,15 +67,25 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
     seed = put(np.uint32(seed), replicated)
     keys = lambda units, seed: render.image_keys(jax.random.key(seed), units, images_per_unit)
     jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
+    each = each or (lambda name, lowered: None)
+    lowered = {}
+
+    def lower(name, function, *args):
+        lowered[name] = function.lower(*args)
+        each(name, lowered[name])
+
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        scan = jit(lambda w, u, s: run(w, u, keys(u, s)), (replicated, by_unit, replicated))
-        return {"scan": scan.lower(weights, units, seed)}, seed
+        lower("scan", jit(lambda w, u, s: run(w, u, keys(u, s)), (replicated, by_unit, replicated)), weights, units,
+              seed)
+        return lowered, seed
     init = jit(lambda u, s: renderer.init(u, keys(u, s)), (by_unit, replicated))
     state = jax.eval_shape(init, units, seed)
-    step = jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1)
-    return {"init": init.lower(units, seed), "step": step.lower(weights, state, units, np.int32(0)),
-            "finish": jit(renderer.finish, (replicated, by_unit, by_unit)).lower(weights, state, units)}, seed
+    lower("step", jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1), weights, state,
+          units, np.int32(0))
+    lower("init", init, units, seed)
+    lower("finish", jit(renderer.finish, (replicated, by_unit, by_unit)), weights, state, units)
+    return {name: lowered[name] for name in ("init", "step", "finish")}, seed
 
 
 def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, on_lowered=None):
@@ -95,20 +107,23 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         (`chunk(weights, units) -> fvis.render.Rendered` of global device arrays, its
         `fvis.memory.Estimate` per device or None where the backend reports none).
     """
-    lowered, seed = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed,
-                                images_per_unit=images_per_unit, weights=weights, units=units)
-    if on_lowered is not None:
-        on_lowered(lowered)
+    with ThreadPoolExecutor(3, thread_name_prefix="fvis-compile") as pool:  # XLA compiles without the GIL
+        compiling = {}
+        lowered, seed = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed,
+                                    images_per_unit=images_per_unit, weights=weights, units=units,
+                                    each=lambda name, program: compiling.update({name: pool.submit(program.compile)}))
+        if on_lowered is not None:
+            on_lowered(lowered)
+        compiled = {name: future.result() for name, future in compiling.items()}
     if loop == "scan":
-        compiled = lowered["scan"].compile()
+        compiled = compiled["scan"]
 
         def scan_chunk(weights, units):
             return compiled(weights, units, seed)
 
         scan_chunk.compiled = compiled  # the one compiled program of the chunk
         return scan_chunk, memory.estimate(compiled)
-    with ThreadPoolExecutor(3, thread_name_prefix="fvis-compile") as pool:  # XLA compiles without the GIL
-        init, step, finish = pool.map(lambda name: lowered[name].compile(), ("init", "step", "finish"))
+    init, step, finish = (compiled[name] for name in ("init", "step", "finish"))
 
     def chunk(weights, units):
         state, curves, norms = init(units, seed), [], []

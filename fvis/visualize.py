@@ -182,8 +182,8 @@ class Job:
         size (and half again), and so are the chunks after it; each chunk's batch size is
         in `Result.batch_sizes`, and saved with the chunk so a resumed job continues at it.
 
-        With `workers` > 1 the first chunk runs alone (it compiles), then up to `workers`
-        chunks run at once, each called from its own thread (a compiled call releases
+        The chunk programs compile first; then up to `workers` chunks run at once, each called
+        from its own thread (a compiled call releases
         the GIL; on a CPU one small image's step leaves cores idle between its ops). Each
         chunk is the same compiled program on the same inputs, so the images do not depend
         on `workers`; chunks are checked and saved in this thread, in schedule order, so the
@@ -234,17 +234,15 @@ class Job:
                     bar.update(len(chunk_units))
                     continue
                 computed += 1
-                if runner.compiled:
-                    running.submit((slot, index, chunk_units), runner.run, index, chunk_units)
-                    continue
-                bar.set_postfix_str("compiling")
-                with ticking(bar):
-                    rendered, size, seconds = runner.run(index, chunk_units)
-                running.workers = min(running.workers, self.workers)  # the memory check may allow fewer
-                log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
-                         "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
-                         self.matmul_precision["effective"])
-                done(slot, index, chunk_units, rendered, size, seconds)
+                if not runner.compiled:
+                    bar.set_postfix_str("compiling")
+                    with ticking(bar):
+                        size = runner.compile()
+                    running.workers = min(running.workers, self.workers)  # the memory check may allow fewer
+                    log.info("%s: compiled in %.1f s (%d filters per chunk, %d steps; float32 matmuls and "
+                             "convolutions in %s)", self.objective.name, runner.compile_s, size, self.steps,
+                             self.matmul_precision["effective"])
+                running.submit((slot, index, chunk_units), runner.run, index, chunk_units)
         if computed < len(schedule):
             log.info("%d of %d chunks reused from earlier attempts", len(schedule) - computed, len(schedule))
         stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
@@ -319,6 +317,10 @@ class _ChunkRunner:
         """A chunk loaded from the store was computed at `batch_size`: later chunks use no more."""
         with self.lock:
             self.batch_size = min(self.batch_size, batch_size)
+
+    def compile(self):
+        """Compiles the chunk program (checking its memory estimate first time); returns the batch size."""
+        return self._function()[1]
 
     def _function(self):
         with self.lock:

@@ -33,8 +33,9 @@ def compiled_programs(monkeypatch):
             texts.append(compiled.as_text())
             return compiled
 
-    def spied(*args, **kwargs):
-        lowered, seed = real(*args, **kwargs)
+    def spied(*args, each=None, **kwargs):  # programs compile as `each` receives them, or from the dict returned
+        hand_on = None if each is None else (lambda name, program: each(name, Spied(program)))
+        lowered, seed = real(*args, each=hand_on, **kwargs)
         return {name: Spied(program) for name, program in lowered.items()}, seed
 
     monkeypatch.setattr(chunks, "lower_chunk", spied)
