@@ -94,6 +94,7 @@ def test_a_convolution_it_does_not_compute_is_refused_by_name():
     ((1, 12, 12, 256), 256, False),  # conv4: measured loss
     ((1, 7, 7, 512), 512, False),
     ((1, 56, 56, 64), 64, False),    # conv2 at 224: neutral in the step, costs compile time
+    ((1, 28, 28, 128), 128, False),  # conv3 at 224: measured loss in the step
     ((1, 112, 112, 64), 64, False),  # large maps: measured loss
     ((1, 32, 32, 3), 16, False),     # few channels
 ])
