@@ -94,7 +94,9 @@ def test_a_convolution_it_does_not_compute_is_refused_by_name():
     ((1, 12, 12, 256), 256, False),  # conv4: measured loss
     ((1, 7, 7, 512), 512, False),
     ((1, 56, 56, 64), 64, False),    # conv2 at 224: neutral in the step, costs compile time
+    ((1, 25, 25, 128), 128, True),   # conv3 at 180 as Keras pads it
     ((1, 28, 28, 128), 128, False),  # conv3 at 224: measured loss in the step
+    ((1, 30, 30, 128), 128, False),  # and as Keras pads it
     ((1, 112, 112, 64), 64, False),  # large maps: measured loss
     ((1, 32, 32, 3), 16, False),     # few channels
 ])
@@ -213,3 +215,20 @@ def test_mobilenet_has_no_convolution_winograd_takes(monkeypatch):
     _keras_model().forward(["c"], fvis.models.Rewrites(winograd=True))(
         _keras_model().forward(["c"]).weights(), jnp.zeros((24, 24, 3)))
     assert len(calls) == 2
+
+
+@pytest.mark.parametrize("size, expected", [
+    (180, [(1, 25, 25, 128)] * 3 + [(1, 47, 47, 64)] * 2),  # conv3_block1..3 and conv2_block1..2 (Keras pads)
+    (224, []),  # 30x30 and 58x58: measured no faster (experiments/results/README.md, "Winograd")
+])
+def test_resnet50v2_to_conv3_block4_takes_the_measured_convolutions(size, expected, monkeypatch):
+    """The reference job's model under the CPU defaults: the maps that reach `conv3x3` (the stride-1 3x3
+    convolutions of the second and third stages at 180 px, none at 224 px)."""
+    from fvis.models import keras_ops
+    calls, real = [], winograd.conv3x3
+    monkeypatch.setattr(keras_ops.winograd_lib, "conv3x3", lambda *a: calls.append(a) or real(*a))
+    model = fvis.models.keras_application("ResNet50V2", weights=None, image_size=(size, size))
+    forward = model.forward(["conv3_block4_out"], fvis.models.Rewrites(cpu_ops=True, fold_batchnorm=True,
+                                                                       winograd=True))
+    jax.eval_shape(lambda x: forward(forward.weights(), x), jnp.zeros((size, size, 3)))
+    assert sorted(tuple(x.shape) for x, *_ in calls) == sorted(expected)

@@ -57,14 +57,14 @@ def test_flax_1d_and_3d_convolutions_pass_through_the_cpu_rewrites(rank, rewrite
     ((1, 20, 20, 32), 31, False),    # one channel out too few
     ((1, 20, 20, 128), 128, True),   # C_in * C_out at its limit
     ((1, 20, 20, 128), 129, False),  # one past it
-    ((1, 24, 24, 128), 128, True),   # H * W * C_in * C_out at its limit
-    ((1, 25, 24, 128), 128, False),  # one row past it
-    ((1, 48, 48, 64), 64, True),     # the same limit at 64 channels
-    ((1, 48, 48, 64), 65, False),    # one channel past it
+    ((1, 26, 26, 128), 128, True),   # H * W * C_in * C_out at its limit
+    ((1, 27, 26, 128), 128, False),  # one row past it
+    ((1, 48, 48, 64), 64, True),     # a 48x48 map below it
+    ((1, 48, 48, 96), 96, False),    # and past it (C_in * C_out within its own limit)
 ])
 def test_worthwhile_at_the_edges_of_its_range(x_shape, c_out, expected):
     """The documented range: 16..48 pixels each way, >= 32 channels in and out, C_in * C_out <= 128 * 128,
-    H * W * C_in * C_out <= 24 * 24 * 128 * 128."""
+    H * W * C_in * C_out <= 26 * 26 * 128 * 128."""
     assert winograd.worthwhile(x_shape, (3, 3, x_shape[-1], c_out)) is expected
 
 
