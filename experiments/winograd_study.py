@@ -80,16 +80,29 @@ def shapes():
                   f"{r[1][1]:.3f}  ratio {(r[0][0] + r[1][0]) / (r[0][1] + r[1][1]):.2f}", flush=True)
 
 
+def _up_to(pixels):
+    """The rule before 24 * 24 * 128 * 128 bounded H * W * C_in * C_out: maps of 16..`pixels` px."""
+    return lambda x, k: (16 <= x[1] <= pixels and 16 <= x[2] <= pixels and min(x[3], k[-1]) >= 32
+                         and x[3] * k[-1] <= 128 * 128)
+
+
 def step(size=180):
-    """The compiled ResNet50V2 step (conv3_block4_out, one image), Winograd off and on."""
+    """The compiled ResNet50V2 step (conv3_block4_out, one image), alone and two in flight: the library,
+    Winograd where `worthwhile` says, and Winograd on every map of 16..48 px (the rule before its bound on
+    H * W * C_in * C_out; at 180 px the two rules take the same convolutions)."""
     import bench_measure
     model = fvis.models.keras_application("ResNet50V2", weights=None, image_size=(size, size))
-    steps = {}
-    for name, on in (("library", False), ("winograd", True)):
-        devices.AUTO["cpu"]["winograd"] = on
-        job = fvis.prepare(model, "conv3_block4_out", "0:1", steps=2, batch_size=1, loop="host")
-        steps[name] = list(bench_measure.compiled_step(job, states=3))
-        print(name, "GFLOP (XLA's count):", bench_measure.flops_of(steps[name][0]) / 1e9)
+    gates = {"library": (False, winograd.worthwhile), "winograd": (True, winograd.worthwhile),
+             "winograd, maps <= 48 px": (True, _up_to(48))}
+    rule, steps = winograd.worthwhile, {}
+    try:
+        for name, (on, gate) in gates.items():
+            devices.AUTO["cpu"]["winograd"], winograd.worthwhile = on, gate
+            job = fvis.prepare(model, "conv3_block4_out", "0:1", steps=2, batch_size=1, loop="host")
+            steps[name] = list(bench_measure.compiled_step(job, states=3))
+            print(name, "GFLOP (XLA's count):", bench_measure.flops_of(steps[name][0]) / 1e9)
+    finally:
+        winograd.worthwhile = rule
 
     def alone(step, weights, states, units, n=30):
         times = []
@@ -111,19 +124,18 @@ def step(size=180):
         [t.join() for t in threads]
         return (time.perf_counter() - start) / (2 * n) * 1e3
 
-    for r in range(4):
+    for r in range(6):
         print(f"round {r}: " + "  ".join(f"{k} alone {alone(*v):.1f} in flight {flight(*v):.1f}"
-                                          for k, v in steps.items()), flush=True)
+                                          for k, v in (steps.items() if r % 2 == 0 else reversed(steps.items()))),
+              flush=True)
 
 
 def scale(size=224, filters=40):
     """`Job.run` at the scale job's shape (2 steps, one filter per chunk): optimise ms per filter, three gates."""
     jax.config.update("jax_enable_compilation_cache", False)
     model = fvis.models.keras_application("ResNet50V2", weights=None, image_size=(size, size))
-    up_to_64 = lambda x, k: (16 <= x[1] <= 64 and 16 <= x[2] <= 64 and min(x[3], k[-1]) >= 32
-                             and x[3] * k[-1] <= 128 * 128)
-    gates = {"library": (False, winograd.worthwhile), "winograd, maps <= 64 px": (True, up_to_64),
-             "winograd, worthwhile (<= 48 px)": (True, winograd.worthwhile)}
+    gates = {"library": (False, winograd.worthwhile), "winograd, maps <= 64 px": (True, _up_to(64)),
+             "winograd, maps <= 48 px": (True, _up_to(48)), "winograd, worthwhile": (True, winograd.worthwhile)}
     rule = winograd.worthwhile
     try:
         for r in range(3):
