@@ -183,11 +183,11 @@ class Job:
         in `Result.batch_sizes`, and saved with the chunk so a resumed job continues at it.
 
         The chunk programs compile first; then up to `workers` chunks run at once, each called
-        from its own thread (a compiled call releases
-        the GIL; on a CPU one small image's step leaves cores idle between its ops). Each
-        chunk is the same compiled program on the same inputs, so the images do not depend
-        on `workers`; chunks are checked and saved in this thread, in schedule order, so the
-        error raised, and what is saved before it, do not depend on timing.
+        from its own thread (a compiled call releases the GIL; on a CPU one small image's step
+        leaves cores idle between its ops). Each chunk is the same compiled program on the
+        same inputs, so the images do not depend on `workers`; chunks are checked and saved in
+        this thread, in schedule order, so the error raised, and what is saved before it, do
+        not depend on timing.
 
         Args:
             store: optional object with `load(index, units) -> Rendered | None` and

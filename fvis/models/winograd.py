@@ -122,9 +122,9 @@ def worthwhile(x_shape, kernel_shape):
 
     Measured on a 2-core AMD EPYC (experiments/results/README.md, "Winograd"), the ResNet50V2 step
     of one image, two in flight: at 180 pixels, Winograd on the 45x45 maps with 64 channels and the
-    23x23 ones with 128 ran 8-10% faster than the library, the 23x23 ones alone giving 8% of it; at
-    224 pixels, on the 28x28 maps with 128 channels, 5% slower, and on the 56x56 maps with 64 as fast,
-    compiling longer. One convolution alone lost at 12x12 and 14x14 with 256 channels and 7x7 with
+    23x23 ones with 128 ran 8-10% faster than the library, the 23x23 ones giving 7 points of it; at
+    224 pixels, on the 28x28 maps with 128 channels, 4-5% slower, and on the 56x56 maps with 64 as
+    fast, compiling longer. One convolution alone lost at 12x12 and 14x14 with 256 channels and 7x7 with
     512 (tiny matrix products, a large kernel transform), at 112x112 with 64 (the transformed tiles
     outgrow the caches) and at 180x180 with 3 channels in.
     """
