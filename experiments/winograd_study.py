@@ -81,7 +81,7 @@ def shapes():
 
 
 def _up_to(pixels):
-    """The rule before 24 * 24 * 128 * 128 bounded H * W * C_in * C_out: maps of 16..`pixels` px."""
+    """The rule before 26 * 26 * 128 * 128 bounded H * W * C_in * C_out: maps of 16..`pixels` px."""
     return lambda x, k: (16 <= x[1] <= pixels and 16 <= x[2] <= pixels and min(x[3], k[-1]) >= 32
                          and x[3] * k[-1] <= 128 * 128)
 
