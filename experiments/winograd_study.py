@@ -81,19 +81,21 @@ def shapes():
 
 
 def _up_to(pixels):
-    """The rule before 26 * 26 * 128 * 128 bounded H * W * C_in * C_out: maps of 16..`pixels` px."""
+    """Winograd on every map of 16..`pixels` px (32-128 channels, C_in * C_out <= 128^2), whatever its channels:
+    the rule of 2026-11-30 with `pixels` = 48."""
     return lambda x, k: (16 <= x[1] <= pixels and 16 <= x[2] <= pixels and min(x[3], k[-1]) >= 32
                          and x[3] * k[-1] <= 128 * 128)
 
 
 def step(size=180):
     """The compiled ResNet50V2 step (conv3_block4_out, one image), alone and two in flight: the library,
-    Winograd where `worthwhile` says, and Winograd on every map of 16..48 px (the rule before its bound on
-    H * W * C_in * C_out; at 180 px the two rules take the same convolutions)."""
+    Winograd where `worthwhile` says, on every map of 16..48 px (the rule of 2026-11-30) and of 16..64 px
+    (at 180 px all three Winograd gates take the same convolutions; at 224 px the 56x56 maps with 64
+    channels and the 28x28 ones with 128 tell them apart)."""
     import bench_measure
     model = fvis.models.keras_application("ResNet50V2", weights=None, image_size=(size, size))
     gates = {"library": (False, winograd.worthwhile), "winograd": (True, winograd.worthwhile),
-             "winograd, maps <= 48 px": (True, _up_to(48))}
+             "winograd, maps <= 48 px": (True, _up_to(48)), "winograd, maps <= 64 px": (True, _up_to(64))}
     rule, steps = winograd.worthwhile, {}
     try:
         for name, (on, gate) in gates.items():
