@@ -85,7 +85,7 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
           units, np.int32(0))
     lower("init", init, units, seed)
     lower("finish", jit(renderer.finish, (replicated, by_unit, by_unit)), weights, state, units)
-    return {name: lowered[name] for name in ("init", "step", "finish")}, seed
+    return lowered, seed
 
 
 def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, on_lowered=None):
@@ -114,16 +114,16 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
                                     each=lambda name, program: compiling.update({name: pool.submit(program.compile)}))
         if on_lowered is not None:
             on_lowered(lowered)
-        compiled = {name: future.result() for name, future in compiling.items()}
+        programs = {name: future.result() for name, future in compiling.items()}
     if loop == "scan":
-        compiled = compiled["scan"]
+        compiled = programs["scan"]
 
         def scan_chunk(weights, units):
             return compiled(weights, units, seed)
 
         scan_chunk.compiled = compiled  # the one compiled program of the chunk
         return scan_chunk, memory.estimate(compiled)
-    init, step, finish = (compiled[name] for name in ("init", "step", "finish"))
+    init, step, finish = (programs[name] for name in ("init", "step", "finish"))
 
     def chunk(weights, units):
         state, curves, norms = init(units, seed), [], []
