@@ -51,13 +51,13 @@ def run_fvis(weights, starts, steps, image_size):
     given = jnp.asarray(starts, jnp.float32)[:, None]  # (N, D=1, H, W, 3)
 
     def init(units, keys):
-        _, opt_state, loop_keys = job.renderer.init(units, keys)
-        return given, opt_state, loop_keys  # pixel parameterization: the params are the image
+        _, *rest = job.renderer.init(units, keys)
+        return (given, *rest)  # pixel parameterization: the params are the image
 
     run = jax.jit(render.scan_chunk(job.renderer._replace(init=init), steps))
     units = jnp.arange(len(starts), dtype=jnp.int32)
     keys = render.image_keys(jax.random.key(0), units, 1)
-    out = run(job.forward.weights(), units, keys)
+    out = run(job.forward.weights(), units, keys, units)
     return np.asarray(out.curves[:, 0]), np.asarray(out.images[:, 0])
 
 

@@ -50,7 +50,7 @@ def to_host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, each=None):
+def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, value_units, each=None):
     """Traces and lowers the optimisation of one chunk of `len(units)` units, without compiling.
 
     Takes the arguments of `compile_chunk`. The seed is an argument of the programs, not a
@@ -61,10 +61,10 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
 
     Returns:
         ({name: `jax.stages.Lowered`}: "scan" for loop="scan"; "init", "step" and "finish" for
-        loop="host"; the seed placed on the devices, the programs' last argument).
+        loop="host"; (the seed, the value units) placed on the devices, the programs' last arguments).
     """
     replicated, by_unit = devices.shardings(mesh)
-    seed = put(np.uint32(seed), replicated)
+    seed, value_units = put((np.uint32(seed), np.asarray(value_units, np.int32)), replicated)
     keys = lambda units, seed: render.image_keys(jax.random.key(seed), units, images_per_unit)
     jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
     each = each or (lambda name, lowered: None)
@@ -76,19 +76,21 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
 
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        lower("scan", jit(lambda w, u, s: run(w, u, keys(u, s)), (replicated, by_unit, replicated)), weights, units,
-              seed)
-        return lowered, seed
+        lower("scan", jit(lambda w, u, s, v: run(w, u, keys(u, s), v), (replicated, by_unit, replicated, replicated)),
+              weights, units, seed, value_units)
+        return lowered, (seed, value_units)
     init = jit(lambda u, s: renderer.init(u, keys(u, s)), (by_unit, replicated))
     state = jax.eval_shape(init, units, seed)
     lower("step", jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1), weights, state,
           units, np.int32(0))
     lower("init", init, units, seed)
-    lower("finish", jit(renderer.finish, (replicated, by_unit, by_unit)), weights, state, units)
-    return lowered, seed
+    lower("finish", jit(renderer.finish, (replicated, by_unit, by_unit, replicated)), weights, state, units,
+          value_units)
+    return lowered, (seed, value_units)
 
 
-def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, on_lowered=None):
+def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, value_units,
+                  on_lowered=None):
     """Compiles the optimisation of one chunk of `len(units)` units.
 
     Args:
@@ -100,6 +102,9 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         seed: int, the job's seed.
         images_per_unit: D.
         weights, units: example arguments, as placed by `put` (shapes matter).
+        value_units: (U,) int, the units each final image's objective is also given for
+            (`fvis.render.Rendered.unit_values`; the job's units). An argument of the
+            programs, not a constant: jobs of as many units share their compilation.
         on_lowered: None, or a function called with `lower_chunk`'s dict before compiling
             (to read the programs, e.g. `fvis.matmul_precision.in_program`).
 
@@ -109,9 +114,10 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
     """
     with ThreadPoolExecutor(3, thread_name_prefix="fvis-compile") as pool:  # XLA compiles without the GIL
         compiling = {}
-        lowered, seed = lower_chunk(renderer, steps=steps, loop=loop, mesh=mesh, seed=seed,
-                                    images_per_unit=images_per_unit, weights=weights, units=units,
-                                    each=lambda name, program: compiling.update({name: pool.submit(program.compile)}))
+        start = lambda name, program: compiling.update({name: pool.submit(program.compile)})
+        lowered, (seed, value_units) = lower_chunk(
+            renderer, steps=steps, loop=loop, mesh=mesh, seed=seed, images_per_unit=images_per_unit, weights=weights,
+            units=units, value_units=value_units, each=start)
         if on_lowered is not None:
             on_lowered(lowered)
         programs = {name: future.result() for name, future in compiling.items()}
@@ -119,7 +125,7 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         compiled = programs["scan"]
 
         def scan_chunk(weights, units):
-            return compiled(weights, units, seed)
+            return compiled(weights, units, seed, value_units)
 
         scan_chunk.compiled = compiled  # the one compiled program of the chunk
         return scan_chunk, memory.estimate(compiled)
@@ -131,7 +137,7 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
             state, (values, grad_norms) = step(weights, state, units, np.int32(i))
             curves.append(values)
             norms.append(grad_norms)
-        images, final, alpha, snapshots = finish(weights, state, units)
-        return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1), alpha, snapshots)
+        images, final, alpha, snapshots, values = finish(weights, state, units, value_units)
+        return render.Rendered(images, jnp.stack(curves, -1), final, jnp.stack(norms, -1), alpha, snapshots, values)
 
     return chunk, memory.estimate(init, step, finish)

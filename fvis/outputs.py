@@ -5,9 +5,10 @@ Layout of a run folder:
     filters/filter_0007.png  one tile per unit (filter_0007_1.png ... for images_per_unit > 1)
     filters/filter_0007_alpha.png  with display.transparency: the tile with MaCo's transparency as alpha
     snapshots.png, .gif    with snapshots: one row per image, one column per snapshot; the grid animated
-    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values,
-                           gradient norms, transparency maps, snapshots, and each unit's chunk (a
-                           finished job's chunks)
+    images.npz             raw float images (N, D, H, W, C) in [-1, 1], units, curves, final values
+                           (and each final image's value for every unit), gradient norms,
+                           transparency maps, snapshots, and each unit's chunk (a finished job's
+                           chunks)
     results.json           resolved config, per-filter curves and final values
     chunks/chunk_00000.npz finished chunks while the job runs, so a killed job resumes where it
                            stopped (deleted once images.npz holds them: the data is kept once)
@@ -121,7 +122,7 @@ class ChunkStore:
         arrays = _read_npz(path)
         batch_size = None if arrays is None else arrays.pop("batch_size", None)
         ok = (arrays is not None and str(arrays.pop("fingerprint", "")) == self.fingerprint
-              and np.array_equal(arrays.pop("units", None), units) and set(arrays) == set(Rendered._fields))
+              and np.array_equal(arrays.pop("units", None), units) and set(arrays) in _RENDERED_FIELDS)
         if ok and batch_size is not None:
             self.batch_sizes[index] = int(batch_size)
         return (Rendered(**arrays) if ok else None), True
@@ -131,7 +132,7 @@ class ChunkStore:
         if self._finished is None:
             path = self.folder.parent / "images.npz"
             arrays = _read_npz(path) if path.exists() else {}
-            fields = {"fingerprint", "chunk", "chunk_batch_size", "units", *Rendered._fields}
+            fields = {"fingerprint", "chunk", "chunk_batch_size", "units", *_RENDERED_FIELDS[-1]}
             trusted = arrays == {} or (arrays is not None and fields <= set(arrays)
                                        and str(arrays["fingerprint"]) == self.fingerprint)
             self._finished = arrays if trusted else {"untrusted": True}
@@ -143,13 +144,14 @@ class ChunkStore:
         if not np.array_equal(self._finished["units"][rows], units):
             return None, True
         self.batch_sizes[index] = int(self._finished["chunk_batch_size"][rows][0])
-        return Rendered(*(self._finished[name][rows] for name in Rendered._fields)), False
+        held = [name for name in Rendered._fields if name in self._finished]
+        return Rendered(**{name: self._finished[name][rows] for name in held}), False
 
     def save(self, index, units, rendered, batch_size=None):
         """Writes chunk `index`; `batch_size`, a smaller batch size it was computed at, is kept with it."""
         sizes = {} if batch_size is None else {"batch_size": np.int64(batch_size)}
         atomic_write_bytes(self._path(index), npz_bytes(
-            fingerprint=np.array(self.fingerprint), units=units, **sizes, **rendered._asdict()))
+            fingerprint=np.array(self.fingerprint), units=units, **sizes, **_present(rendered._asdict())))
         self.saved.append(index)
 
     def stats(self):
@@ -164,6 +166,16 @@ class ChunkStore:
     def clear(self):
         """Deletes the chunks folder: call it once images.npz holds every chunk."""
         shutil.rmtree(self.folder, ignore_errors=True)
+
+
+# The Rendered fields a stored chunk may hold: all, or all but unit_values (kept since 2026-12-01;
+# a chunk without them is still reused, and the quality report computes them).
+_RENDERED_FIELDS = (set(Rendered._fields), set(Rendered._fields) - {"unit_values"})
+
+
+def _present(arrays):
+    """The entries of `arrays` that are not None."""
+    return {name: a for name, a in arrays.items() if a is not None}
 
 
 def _read_npz(path):
@@ -280,7 +292,7 @@ def write_run(folder, result, *, config, meta, crop=25, mode="seed", margin=5, t
     atomic_write_bytes(folder / "images.npz", npz_bytes(  # every Rendered field: it is the finished chunks too
         units=result.units, images=result.images, curves=result.curves, final=result.final,
         grad_norms=result.grad_norms, transparency=result.transparency, snapshots=result.snapshots,
-        snapshot_steps=result.snapshot_steps, **resume))
+        snapshot_steps=result.snapshot_steps, **_present({"unit_values": result.unit_values}), **resume))
     summary = {"config": config, **meta, **extras, "filters": records}
     atomic_write_json(folder / "results.json", summary)
     _remove_stale(folder, names)

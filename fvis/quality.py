@@ -277,12 +277,13 @@ def _median(values):
 
 
 def measure(forward, objective, units, images, *, dead=None, natural=None, draws=8, jitter=8, scale=0.1, seed=0,
-            top_k=3, batch_size=None, program=None):
+            top_k=3, batch_size=None, program=None, values=None):
     """The quality report of a job's images.
 
     Each image goes once through the model for all units (activation, selectivity, the
-    base of robustness, and likewise each photo), and once per robustness draw, in one
-    model program compiled once per call (`values_function`).
+    base of robustness, and likewise each photo; the job's images need not when `values`
+    are given), and once per robustness draw, in one model program compiled once per call
+    (`values_function`).
 
     Args:
         forward: the job's `fvis.models.Forward` (`job.forward`).
@@ -295,6 +296,12 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
         batch_size: forwards per compiled call; default the backend's (`default_batch_size`).
         program: optional, `compile_in_background`'s future (or its result) for these units,
             settings and batch size: then nothing is traced or compiled here.
+        values: optional (N, D, N) float32, the objective of each image as is for every unit
+            (`fvis.Result.unit_values`, computed with the final images by the job): then the
+            images go through the model only for the robustness draws.
+
+    Raises:
+        ValueError: `values` is not (N, D, N).
 
     Returns:
         (records, summary): N*D dicts in unit-major order with "activation",
@@ -307,12 +314,18 @@ def measure(forward, objective, units, images, *, dead=None, natural=None, draws
     """
     units, images = np.asarray(units), np.asarray(images, np.float32)
     n, d = images.shape[:2]
+    if values is not None and np.shape(values) != (n, d, n):
+        raise ValueError(f"measure's values must be (N, D, N) = {(n, d, n)} for {n} units of {d} images each "
+                         f"(fvis.Result.unit_values). Received: shape {np.shape(values)}")
     flat, own = images.reshape(n * d, *images.shape[2:]), np.repeat(np.arange(n), d)
     if program is None:
         values_fn = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
     else:
         values_fn = program.result() if hasattr(program, "result") else program
-    values = unit_values(forward, objective, flat, units, batch_size=batch_size, function=values_fn)
+    if values is None:
+        values = unit_values(forward, objective, flat, units, batch_size=batch_size, function=values_fn)
+    else:
+        values = np.asarray(values, np.float32).reshape(n * d, n)
     activation = values[np.arange(n * d), own]
     never_moved = np.zeros(n * d, bool) if dead is None else np.asarray(dead, bool).reshape(n * d)
     failed = never_moved | (np.ptp(values, axis=0) == 0)[own]

@@ -30,6 +30,11 @@ class Rendered(NamedTuple):
     transparency: (B, D, H, W) float32 in [0, 1], MaCo's transparency map (see `transparency`).
     snapshots: (B, D, S, H, W, C) float32, the image after each of the S requested
         numbers of steps (`snapshot_steps`; S = 0 when none were requested).
+    unit_values: (B, D, U) float32, the objective of the final image, without transforms,
+        for each of the U units the chunk was asked about (the job's units, in order; see
+        `Renderer`): the quality report's activations and selectivity read them, rather
+        than running every image through the model again. None where not computed (a chunk
+        saved before they were kept).
     """
 
     images: jax.Array
@@ -38,6 +43,7 @@ class Rendered(NamedTuple):
     grad_norms: jax.Array
     transparency: jax.Array
     snapshots: jax.Array
+    unit_values: jax.Array = None
 
 
 def image_keys(key, units, images_per_unit):
@@ -82,8 +88,10 @@ class Renderer(NamedTuple):
     state = (params, opt_state, loop_keys, grad_sum (B, D, H, W, C), snapshots (B, D, S, H, W, C)).
     init(units, keys) -> state: `units` (B,) int32, `keys` (B, D) typed keys.
     step(weights, state, units, step) -> (state, (values, norms)), each (B, D) float32.
-    finish(weights, state, units) -> (images (B, D, H, W, C), final (B, D), transparency
-        (B, D, H, W), snapshots (B, D, S, H, W, C)).
+    finish(weights, state, units, value_units) -> (images (B, D, H, W, C), final (B, D),
+        transparency (B, D, H, W), snapshots (B, D, S, H, W, C), unit_values (B, D, U)):
+        `value_units` (U,) int32 are the units whose objective each final image is scored on
+        (the same forward as `final`, which is the image's own unit's).
     """
 
     init: Callable
@@ -128,11 +136,12 @@ def make_renderer(forward, objective, *, param, transform, optimizer, image_shap
         norms = jax.vmap(optax.tree.norm)(grads)
         return optax.apply_updates(params, updates), opt_state, values, norms, jnp.abs(image_grads)
 
-    def final_value(params, unit, weights):
+    def final_values(params, unit, value_units, weights):
         image = param.to_image(params)
         acts = forward(weights, image)
         acts[INPUT] = image
-        return objective(acts, unit)
+        values = jax.vmap(lambda u: objective(acts, u))(jnp.append(value_units, unit))  # one computation:
+        return values[-1], values[:-1]  # final is bit for bit its unit's column where value_units hold it
 
     def keep(snapshots, params, n):
         """Writes the images of `params` into the snapshot slots of step count n."""
@@ -157,21 +166,24 @@ def make_renderer(forward, objective, *, param, transform, optimizer, image_shap
         state = (params, opt_state, loop_keys, grad_sum + magnitudes, keep(snapshots, params, step + 1))
         return state, (values, norms)
 
-    def finish(weights, state, units):
+    def finish(weights, state, units, value_units):
         params, _, _, grad_sum, snapshots = state
-        final = jax.vmap(jax.vmap(final_value, (0, None, None)), (0, 0, None))(params, units, weights)
-        return _vmap2(param.to_image)(params), final, _vmap2(transparency)(grad_sum), snapshots
+        final, values = jax.vmap(jax.vmap(final_values, (0, None, None, None)), (0, 0, None, None))(
+            params, units, value_units, weights)
+        return _vmap2(param.to_image)(params), final, _vmap2(transparency)(grad_sum), snapshots, values
 
     return Renderer(init, step, finish)
 
 
 def scan_chunk(renderer, steps):
-    """`run(weights, units, keys) -> Rendered`: init, `steps` steps as a `lax.scan`, finish."""
+    """`run(weights, units, keys, value_units) -> Rendered`: init, `steps` steps as a `lax.scan`,
+    finish (`value_units`: (U,) int32, see `Renderer`)."""
 
-    def run(weights, units, keys):
+    def run(weights, units, keys, value_units):
         body = lambda state, step: renderer.step(weights, state, units, step)
         state, (curves, norms) = jax.lax.scan(body, renderer.init(units, keys), jnp.arange(steps))
-        images, final, alpha, snapshots = renderer.finish(weights, state, units)
-        return Rendered(images, jnp.moveaxis(curves, 0, -1), final, jnp.moveaxis(norms, 0, -1), alpha, snapshots)
+        images, final, alpha, snapshots, values = renderer.finish(weights, state, units, value_units)
+        return Rendered(images, jnp.moveaxis(curves, 0, -1), final, jnp.moveaxis(norms, 0, -1), alpha, snapshots,
+                        values)
 
     return run

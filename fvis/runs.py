@@ -160,7 +160,7 @@ def quality_step(quality, model, *, seed=0, progress="auto"):
             with progress_lib.phase("measuring quality", log, progress=progress) as done, job.matmul_scope():
                 records, run_summary = quality_lib.measure(job.forward, job.objective, result.units, result.images,
                                                            dead=result.dead, natural=natural, draws=quality.draws,
-                                                           seed=seed, program=program)
+                                                           seed=seed, program=program, values=result.unit_values)
                 run_summary["score"] = quality_lib.score(records, result.dead.reshape(-1))
                 done("quality of %d images measured (%s)", len(records), headline(run_summary))
             figures = records, run_summary

@@ -49,6 +49,10 @@ class Result:
         transparency: (N, D, H, W) float32 in [0, 1], MaCo's transparency map of each image
             (`fvis.render.transparency`).
         snapshots: (N, D, S, H, W, C) float32, the images after each of `snapshot_steps`.
+        unit_values: (N, D, N) float32, the objective of each final image (no transforms) for
+            every unit of `units`, in order (`final` is its own unit's column): the quality
+            report's activations and selectivity. None when a chunk came from a store that
+            did not keep them (the report then computes them).
         snapshot_steps: (S,) int32, the step counts of the snapshots (`Settings.snapshots`).
         compile_s: seconds spent compiling (0 if every chunk came from the store).
         optimize_s: seconds spent running the compiled chunks.
@@ -69,6 +73,7 @@ class Result:
     grad_norms: np.ndarray
     transparency: np.ndarray
     snapshots: np.ndarray
+    unit_values: np.ndarray = None
     snapshot_steps: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, np.int32))
     compile_s: float = 0.0
     optimize_s: float = 0.0
@@ -145,7 +150,7 @@ class Job:
             chunk, estimate = chunks_lib.compile_chunk(
                 self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
                 images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1], batch_size),
-                on_lowered=self._read_programs)
+                value_units=self.units, on_lowered=self._read_programs)
         return chunk, estimate, time.perf_counter() - start
 
     def matmul_scope(self):
@@ -164,7 +169,7 @@ class Job:
                 self._read_programs(chunks_lib.lower_chunk(
                     self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
                     images_per_unit=self.images_per_unit, weights=self.placed_weights(),
-                    units=self._placed(self.units[:1]))[0])
+                    units=self._placed(self.units[:1]), value_units=self.units)[0])
         return self.in_program
 
     def smaller_batch(self, batch_size):
@@ -245,7 +250,7 @@ class Job:
                 running.submit((slot, index, chunk_units), runner.run, index, chunk_units)
         if computed < len(schedule):
             log.info("%d of %d chunks reused from earlier attempts", len(schedule) - computed, len(schedule))
-        stacked = Rendered(*(np.concatenate(field) for field in zip(*parts)))
+        stacked = _concatenate(parts)
         return Result(self.units, *stacked, snapshot_steps=np.asarray(self.snapshot_steps, np.int32),
                       compile_s=runner.compile_s, optimize_s=runner.optimize_s, batch_sizes=sizes,
                       memory=runner.report(), matmul_precision={**self.matmul_precision, "in_program": self.in_program})
@@ -261,7 +266,8 @@ class Job:
         template = Rendered(np.zeros((count, d, h, w, c), np.float32), np.zeros((count, d, self.steps), np.float32),
                             np.zeros((count, d), np.float32), np.zeros((count, d, self.steps), np.float32),
                             np.zeros((count, d, h, w), np.float32), np.zeros((count, d, s, h, w, c), np.float32))
-        sent = (rendered if first else template, np.int32(size))
+        # unit_values stay behind (the report computes them): chunks saved before they were kept have none
+        sent = (rendered._replace(unit_values=None) if first else template, np.int32(size))
         received, size = multihost_utils.broadcast_one_to_all(sent)
         return Rendered(*(np.asarray(a) for a in received)), int(size)
 
@@ -283,6 +289,12 @@ class Job:
         raise NonFiniteError(
             f"Non-finite {' and '.join(what)} {where}, for {self.objective.name}, filter {int(chunk_units[row])}. "
             "Finished chunks are kept. Try a smaller lr, another optimizer, or a regularizer.")
+
+
+def _concatenate(parts):
+    """One `Rendered` of `parts` (each a `Rendered` of numpy arrays) along the unit axis; its
+    unit_values None unless every part has them."""
+    return Rendered(*(None if any(a is None for a in field) else np.concatenate(field) for field in zip(*parts)))
 
 
 # Rendered fields -> what they are, for messages.
@@ -384,9 +396,9 @@ class _ChunkRunner:
             with self.lock:
                 self.spans.append((start, end))
                 self.computed_steps += self.job.steps * len(parts)
-            cut = [Rendered(*(a[: len(units[s: s + size])] for a in out))
+            cut = [Rendered(*(None if a is None else a[: len(units[s: s + size])] for a in out))
                    for s, out in zip(range(0, len(units), size), parts)]
-            return Rendered(*(np.concatenate(field) for field in zip(*cut))), size, end - start
+            return _concatenate(cut), size, end - start
 
     def _halve(self, index, size, error):
         with self.lock:

@@ -39,17 +39,19 @@ def images(folder):
 
 
 def test_estimate_holds_the_arguments_and_outputs_exactly_and_grows_linearly_with_the_batch(tiny):
-    """Arguments = weights + unit indices, outputs = images, curves, final values, gradient norms and
-    transparency maps (no snapshots asked: zero bytes) (hand-counted bytes); the rest grows by the same
+    """Arguments = weights + unit indices + seed + value units, outputs = images, curves, final values,
+    gradient norms, transparency maps and unit values (no snapshots asked: zero bytes) (hand-counted bytes); the rest grows by the same
     amount per unit."""
     steps, size = 3, 32
     job = fvis.prepare(tiny, "conv2", "0:4", steps=steps, batch_size=4, loop="scan")
     weight_bytes = sum(np.asarray(w).nbytes for w in jax.tree.leaves(job.forward.weights()))
     one, two, four = (chunk_estimate(job, b) for b in (1, 2, 4))
     for b, estimate in ((1, one), (2, two), (4, four)):
-        assert estimate.arguments == weight_bytes + 4 * b + 4                    # + int32 units + uint32 seed
-        # float32 images, curves, final values, gradient norms, transparency; + XLA's tuple of 6 pointers
-        assert estimate.outputs == 4 * b * (size * size * 3 + steps + 1 + steps + size * size) + 6 * 8
+        # + int32 units + uint32 seed + the job's 4 int32 value units
+        assert estimate.arguments == weight_bytes + 4 * b + 4 + 4 * 4
+        # float32 images, curves, final values, gradient norms, transparency, each final image's value for
+        # the job's 4 units; + XLA's tuple of 7 pointers
+        assert estimate.outputs == 4 * b * (size * size * 3 + steps + 1 + steps + size * size + 4) + 7 * 8
         assert estimate.total == estimate.arguments + estimate.outputs + estimate.temporaries - estimate.aliased
     # each unit's activations: the backward pass keeps at least conv2's output (32x32x16 float32)
     per_unit = two.total - one.total

@@ -121,15 +121,16 @@ def test_grad_norms_are_the_objectives_gradient_norms_at_each_step(tiny):
 
 
 def test_images_npz_and_results_json_hold_the_results_values(tmp_path, tiny):
-    """images.npz holds exactly the Result's units, images, curves, final values and gradient norms, and
-    the chunk of each unit (it serves a finished job's chunks), and results.json the same per-filter final
-    values and curves, unit-major, with the PNG names."""
+    """images.npz holds exactly the Result's units, images, curves, final values, each final image's value
+    for every unit and gradient norms, and the chunk of each unit (it serves a finished job's chunks), and
+    results.json the same per-filter final values and curves, unit-major, with the PNG names."""
     run = run_cli(tmp_path, "filters=[3,1]", "images_per_unit=2")
     result = library(tiny, units=[3, 1], images_per_unit=2)
     assert set(run.arrays) == {"units", "images", "curves", "final", "grad_norms", "transparency", "snapshots",
-                               "snapshot_steps", "fingerprint", "chunk", "chunk_batch_size"}
+                               "unit_values", "snapshot_steps", "fingerprint", "chunk", "chunk_batch_size"}
     assert run.arrays["units"].dtype == np.int32 and run.arrays["images"].dtype == np.float32
-    for name in ("units", "images", "curves", "final", "grad_norms"):
+    assert run.arrays["unit_values"].shape == (2, 2, 2)  # (units, images per unit, the job's units)
+    for name in ("units", "images", "curves", "final", "grad_norms", "unit_values"):
         np.testing.assert_array_equal(run.arrays[name], getattr(result, name), err_msg=name)
     assert run.arrays["chunk"].tolist() == [0, 1]  # batch_size auto on CPU is 1: a chunk per unit
     records = json.loads((tmp_path / "results.json").read_text())["filters"]

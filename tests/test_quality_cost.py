@@ -178,3 +178,74 @@ def test_a_run_compiles_its_quality_program_before_its_job_runs_and_measures_wit
                  display=Display(crop=2), progress=False)
     program = events[1]
     assert events == ["compile", program, "run", ("measure", program)]
+
+
+@pytest.fixture(scope="module")
+def job_result(tiny):
+    """A tiny job (2 steps, 2 images per unit, 3 chunks of 2 units: the value units span chunks)."""
+    return fvis.visualize(tiny, objectives.channel("conv2"), UNITS, steps=2, images_per_unit=2, batch_size=2,
+                          progress=False)
+
+
+@pytest.mark.parametrize("loop", ["host", "scan"])
+def test_a_jobs_final_images_are_scored_on_every_unit_as_the_quality_report_and_keras_score_them(tiny, loop):
+    """Result.unit_values (N, D, N): each final image's objective for every unit of the job, from the
+    finish program's forward; its own unit's column is `final`, bit for bit, and every entry equals the
+    quality program's value and Keras' own forward of the image."""
+    result = fvis.visualize(tiny, objectives.channel("conv2"), UNITS, steps=2, images_per_unit=2, batch_size=3,
+                            loop=loop, progress=False)
+    n = len(UNITS)
+    assert result.unit_values.shape == (n, 2, n) and result.unit_values.dtype == np.float32
+    own = result.unit_values[np.arange(n), :, np.arange(n)]  # (N, D): image (i, j) on unit i
+    np.testing.assert_array_equal(own, result.final)
+    flat = result.images.reshape(n * 2, 32, 32, 3)
+    forward, objective = job_parts(tiny, UNITS)
+    by_quality = quality.unit_values(forward, objective, flat, UNITS).reshape(n, 2, n)
+    np.testing.assert_allclose(result.unit_values, by_quality, rtol=1e-5, atol=1e-6)
+    by_keras = keras_conv2_means(tiny, flat)[:, UNITS].reshape(n, 2, n)
+    np.testing.assert_allclose(result.unit_values, by_keras, rtol=1e-4, atol=1e-5)
+    assert np.ptp(result.unit_values, axis=2).min() > 0  # the units differ: no column stands in for another
+
+
+class CountingProgram:
+    """A `values_function` program that counts the image rows it evaluates as is (draw < 0) and moved."""
+
+    def __init__(self, function):
+        self.function, self.as_is, self.moved = function, 0, 0
+
+    def __call__(self, weights, images, units, index, draw):
+        self.as_is += int(np.sum(np.asarray(draw) < 0))
+        self.moved += int(np.sum(np.asarray(draw) >= 0))
+        return self.function(weights, images, units, index, draw)
+
+
+def test_measure_with_the_jobs_unit_values_runs_the_images_only_for_the_draws_and_gives_the_same_report(
+        tiny, job_result):
+    forward, objective = job_parts(tiny, UNITS)
+    args = (forward, objective, UNITS, job_result.images)
+    settings = dict(dead=job_result.dead, draws=DRAWS, seed=SEED, batch_size=1)
+    fresh, reused = (CountingProgram(quality.values_function(forward, objective, draws=DRAWS, seed=SEED))
+                     for _ in range(2))
+    records, summary = quality.measure(*args, **settings, program=fresh)
+    again, again_summary = quality.measure(*args, **settings, program=reused, values=job_result.unit_values)
+    live = sum(r["activation"] > 0 for r in records)
+    assert 0 < live < len(records)  # both branches of robustness are exercised
+    assert (fresh.as_is, fresh.moved) == (8, live * DRAWS)
+    assert (reused.as_is, reused.moved) == (0, live * DRAWS)  # the as-is forwards came with the job
+    assert [r["selectivity_rank"] for r in again] == [r["selectivity_rank"] for r in records]
+    assert [r["failed"] for r in again] == [r["failed"] for r in records]
+    column = lambda rs, key: np.array([np.nan if r[key] is None else r[key] for r in rs])  # None: not live
+    for key in ("activation", "robustness", "spectral_slope"):
+        np.testing.assert_allclose(column(again, key), column(records, key), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert again_summary["rank1_fraction"] == summary["rank1_fraction"]
+    assert [r["activation"] for r in again] == [float(v) for v in job_result.final.reshape(-1)]
+
+
+@pytest.mark.parametrize("shape", [(4, 2), (4, 2, 3), (2, 4, 4)])
+def test_measure_refuses_unit_values_of_another_shape_before_any_forward(tiny, job_result, shape):
+    forward, objective = job_parts(tiny, UNITS)
+    counting = CountingProgram(quality.values_function(forward, objective))
+    with pytest.raises(ValueError, match=rf"\(N, D, N\) = \(4, 2, 4\).*Received: shape \({shape[0]}, {shape[1]}"):
+        quality.measure(forward, objective, UNITS, job_result.images, values=np.zeros(shape, np.float32),
+                        program=counting)
+    assert counting.as_is + counting.moved == 0

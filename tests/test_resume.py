@@ -127,6 +127,7 @@ Job.compile_sized = after(Job.compile_sized, "compile")
 chunks.to_host = after(chunks.to_host, "chunk")
 quality.unit_values = after(quality.unit_values, "quality")
 quality.robustness = after(quality.robustness, "quality")
+quality.spectral_slopes = after(quality.spectral_slopes, "quality")  # the job's images skip unit_values
 clear = outputs.ChunkStore.clear
 def clear_first_then_rest(self):
     for path in sorted(self.folder.glob("chunk_*.npz"))[:1]:
@@ -281,6 +282,47 @@ def test_chunks_of_another_config_are_recomputed(stored, tmp_path):
     job.run(store=store, progress=False)
     assert store.reused == [] and store.rejected == [0, 1, 2, 3]
     assert outputs.ChunkStore(tmp_path, "config-b").load(1, job.units[2:4]) is not None
+
+
+def _without_unit_values(path):
+    """Rewrites an .npz chunk file or images.npz as fvis wrote it before unit_values were kept."""
+    with np.load(path) as data:
+        arrays = {name: data[name] for name in data.files if name != "unit_values"}
+    assert len(arrays) == len(data.files) - 1
+    path.write_bytes(outputs.npz_bytes(**arrays))
+
+
+def test_chunks_saved_before_unit_values_were_kept_are_reused_and_the_result_has_none(stored, tmp_path):
+    job, result, chunks = stored
+    assert result.unit_values.shape == (8, 1, 8)
+    _without_unit_values(chunks / "chunk_00002.npz")
+    store = outputs.ChunkStore(tmp_path, "config-a")
+    again = job.run(store=store, progress=False)
+    assert store.reused == [0, 1, 2, 3] and store.rejected == []
+    assert again.unit_values is None  # one chunk lacks them: the quality report computes them all
+    for name in ("images", "curves", "final", "grad_norms", "transparency"):
+        np.testing.assert_array_equal(getattr(again, name), getattr(result, name))
+    store.save(2, job.units[4:6], store.load(2, job.units[4:6])._replace(unit_values=result.unit_values[4:6]))
+    np.testing.assert_array_equal(job.run(store=outputs.ChunkStore(tmp_path, "config-a"), progress=False).unit_values,
+                                  result.unit_values)
+
+
+def test_a_finished_run_from_before_unit_values_is_reused_and_its_quality_measured_again_the_same(tmp_path):
+    cli.run(composed(*TINY, "steps=2", "quality.draws=2"), tmp_path)
+    first = json.loads((tmp_path / "results.json").read_text())
+    _without_unit_values(tmp_path / "images.npz")
+    (tmp_path / "results.json").unlink()  # its figures would be reused as they are
+    _, record = cli.run(composed(*TINY, "steps=2", "quality.draws=2"), tmp_path)
+    assert record["chunks"]["reused"] == 3 and record["chunks"]["recomputed_bad"] == []
+    again = json.loads((tmp_path / "results.json").read_text())
+    figure = lambda summary, key: [np.nan if f["quality"][key] is None else f["quality"][key]
+                                   for f in summary["filters"]]  # None: robustness of an image not live
+    for key in ("activation", "robustness"):
+        np.testing.assert_allclose(figure(again, key), figure(first, key), rtol=1e-5, atol=1e-6, err_msg=key)
+    assert [f["quality"]["selectivity_rank"] for f in again["filters"]] == [
+        f["quality"]["selectivity_rank"] for f in first["filters"]]
+    with np.load(tmp_path / "images.npz") as data:
+        assert "unit_values" not in data.files  # written as the chunks it was resumed from held them
 
 
 def test_display_settings_reuse_chunks_but_compute_settings_do_not(tmp_path):
