@@ -3,7 +3,8 @@ unit, and how natural its spectrum is.
 
 For a finished job's images (N units x D images each, flattened to N*D):
 
-- activation: the objective on the image as is (`Result.final`, recomputed);
+- activation: the objective on the image as is (`Result.final`: a job's finish program
+  scores each final image on every unit, `Result.unit_values`; recomputed where absent);
 - selectivity rank: z-score each requested unit's activation over the run's images,
   then rank the image's own unit among all requested units (1 = it drives its own
   unit more, relative to that unit's spread, than any other unit);
@@ -24,7 +25,8 @@ failure in every summary figure: not ranked first, robustness 0, spectral slope 
 Everything runs in JAX: jitted, the model weights as arguments, images in fixed-size
 batches of the backend's measured size (`fvis.devices.AUTO`), one compilation per
 job: one model program serves the images and photos as they are (one forward per image
-for every unit) and the robustness draws.
+for every unit; none for a job's images that come with their `unit_values`) and the
+robustness draws.
 """
 
 import math
