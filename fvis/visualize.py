@@ -396,7 +396,7 @@ class _ChunkRunner:
             with self.lock:
                 self.spans.append((start, end))
                 self.computed_steps += self.job.steps * len(parts)
-            cut = [Rendered(*(None if a is None else a[: len(units[s: s + size])] for a in out))
+            cut = [Rendered(*(a[: len(units[s: s + size])] for a in out))  # computed: every field is there
                    for s, out in zip(range(0, len(units), size), parts)]
             return _concatenate(cut), size, end - start
 
