@@ -88,11 +88,13 @@ def compiled_step(job, weights=None, states=1):
     weights = job.placed_weights() if weights is None else weights
     units = job._placed(job.units[: job.batch_size])
     keys = render.image_keys(jax.random.key(job.seed), units, job.images_per_unit)
-    init = jax.jit(job.renderer.init)
+    options = getattr(job, "compiler_options", {})  # the XLA options the job compiles with (none before issue 15)
+    init = jax.jit(job.renderer.init, compiler_options=options)
     state = [init(units, keys) for _ in range(states)] if states > 1 else init(units, keys)
     with getattr(job, "matmul_scope", contextlib.nullcontext)():  # (absent from fvis before issue 15)
         example = state[0] if states > 1 else state
-        step = jax.jit(job.renderer.step, donate_argnums=1).lower(weights, example, units, np.int32(0)).compile()
+        step = jax.jit(job.renderer.step, donate_argnums=1, compiler_options=options)
+        step = step.lower(weights, example, units, np.int32(0)).compile()
     return step, weights, state, units
 
 

@@ -50,7 +50,8 @@ def to_host(tree):
     return jax.tree.map(np.asarray, tree)
 
 
-def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, value_units, each=None):
+def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, value_units, each=None,
+                compiler_options=None):
     """Traces and lowers the optimisation of one chunk of `len(units)` units, without compiling.
 
     Takes the arguments of `compile_chunk`. The seed is an argument of the programs, not a
@@ -66,7 +67,8 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
     replicated, by_unit = devices.shardings(mesh)
     seed, value_units = put((np.uint32(seed), np.asarray(value_units, np.int32)), replicated)
     keys = lambda units, seed: render.image_keys(jax.random.key(seed), units, images_per_unit)
-    jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit, **kw)
+    jit = lambda fn, ins, **kw: jax.jit(fn, in_shardings=ins, out_shardings=by_unit,
+                                        compiler_options=compiler_options, **kw)
     each = each or (lambda name, lowered: None)
     lowered = {}
 
@@ -90,7 +92,7 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
 
 
 def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, units, value_units,
-                  on_lowered=None):
+                  on_lowered=None, compiler_options=None):
     """Compiles the optimisation of one chunk of `len(units)` units.
 
     Args:
@@ -107,6 +109,8 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
             programs, not a constant: jobs of as many units share their compilation.
         on_lowered: None, or a function called with `lower_chunk`'s dict before compiling
             (to read the programs, e.g. `fvis.matmul_precision.in_program`).
+        compiler_options: None (XLA's defaults), or a dict of XLA compiler options the
+            programs are compiled with (`fvis.devices.compiler_options`).
 
     Returns:
         (`chunk(weights, units) -> fvis.render.Rendered` of global device arrays, its
@@ -117,7 +121,7 @@ def compile_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights
         start = lambda name, program: compiling.update({name: pool.submit(program.compile)})
         lowered, (seed, value_units) = lower_chunk(
             renderer, steps=steps, loop=loop, mesh=mesh, seed=seed, images_per_unit=images_per_unit, weights=weights,
-            units=units, value_units=value_units, each=start)
+            units=units, value_units=value_units, each=start, compiler_options=compiler_options)
         if on_lowered is not None:
             on_lowered(lowered)
         programs = {name: future.result() for name, future in compiling.items()}

@@ -27,15 +27,18 @@ UNITS = "units"  # the mesh axis the unit (filter) axis is sharded over
 # by Winograd's F(2x2, 3x3) (`Rewrites.winograd`; experiments/results/README.md, "Winograd"), and the images
 # per compiled call of the quality report's forwards and the threads that make those calls
 # (fvis.quality; experiments/results/README.md, "The quality report's cost"), and the chunks optimised at
-# once from their own threads (`fvis.Settings.workers`; experiments/results/README.md, "Two chunks at once").
+# once from their own threads (`fvis.Settings.workers`; experiments/results/README.md, "Two chunks at once"),
+# and the XLA compiler options of fvis' programs (`compiler_options`; experiments/results/README.md, "XLA's
+# optimisation level").
 # GPU and TPU values are not measured yet (no accelerator was lent to the benchmark).
 AUTO = {
     "cpu": {"batch_size": 1, "loop": "host", "cpu_ops": True, "fold_batchnorm": True, "winograd": True,
-            "quality_batch_size": 1, "quality_workers": 2, "workers": 2},
+            "quality_batch_size": 1, "quality_workers": 2, "workers": 2,
+            "compiler_options": {"xla_backend_optimization_level": 1}},
     "gpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "winograd": False,
-            "quality_batch_size": 16, "quality_workers": 1, "workers": 1},
+            "quality_batch_size": 16, "quality_workers": 1, "workers": 1, "compiler_options": {}},
     "tpu": {"batch_size": 128, "loop": "scan", "cpu_ops": False, "fold_batchnorm": False, "winograd": False,
-            "quality_batch_size": 16, "quality_workers": 1, "workers": 1},
+            "quality_batch_size": 16, "quality_workers": 1, "workers": 1, "compiler_options": {}},
 }
 
 
@@ -70,6 +73,19 @@ def auto_setting(name, platform=None):
     """The default of `name` (a key of `AUTO`'s rows) on `platform` (default: JAX's backend)."""
     platform = platform or jax.default_backend()
     return AUTO.get(platform, AUTO["gpu"])[name]
+
+
+def compiler_options(platform=None):
+    """The XLA compiler options fvis compiles its programs with on `platform` (default: JAX's
+    backend): a new dict, for `jax.jit(..., compiler_options=...)`.
+
+    On CPU, `xla_backend_optimization_level` 1 (XLA's default is 3): the reference job's four
+    programs compiled in 8.5 CPU-seconds instead of 13.0 on a 2-core AMD EPYC, their outputs bit
+    for bit the same (pixel and Fourier parameterizations), the step as fast (its convolutions
+    are library calls; the fused elementwise loops XLA emits vectorised at either level).
+    Measured in experiments/results/README.md, "XLA's optimisation level".
+    """
+    return dict(auto_setting("compiler_options", platform))
 
 
 def auto_batch_size(num_units, num_devices=1, platform=None):

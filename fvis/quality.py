@@ -79,7 +79,7 @@ def _values(forward, objective, weights, image, units):
     return jax.vmap(lambda unit: objective(acts, unit))(units)
 
 
-def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0):
+def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0, compiler_options=None):
     """The quality report's one model program: the objective for a set of units on a
     batch of images, each as it is or after one robustness draw (one forward per image).
 
@@ -87,7 +87,9 @@ def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0)
     1 +- `scale`) keyed by `split(fold_in(key(seed), i), draws)[d]`; d < 0 keeps the
     image as it is. Build it once per job and pass it to `unit_values` and `robustness`:
     each call with the same shapes reuses its compilation (units, indices and draws are
-    arguments, so the job's images, its photos and the draws share it).
+    arguments, so the job's images, its photos and the draws share it). `compiler_options`:
+    XLA's options to compile it with (`fvis.Job.compiler_options`); default the backend's
+    (`fvis.devices.compiler_options`).
 
     Returns:
         jitted `(weights, images (B, H, W, C) float32, units (U,) int32, index (B,) int32,
@@ -100,11 +102,12 @@ def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0)
         x = jnp.where(draw >= 0, move(keys[jnp.maximum(draw, 0)], image), image)
         return _values(forward, objective, w, x, units)
 
-    return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)))
+    options = devices.compiler_options() if compiler_options is None else compiler_options
+    return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)), compiler_options=options)
 
 
 def compile_in_background(forward, objective, units, image_shape, *, draws=8, jitter=8, scale=0.1, seed=0,
-                          batch_size=None):
+                          batch_size=None, compiler_options=None):
     """Traces the quality report's model program (`values_function`) for a job's shapes now, and
     compiles it on a background thread.
 
@@ -119,13 +122,15 @@ def compile_in_background(forward, objective, units, image_shape, *, draws=8, ji
         image_shape: (H, W, C) of the job's images.
         draws, jitter, scale, seed: the robustness settings `measure` will be called with.
         batch_size: images per compiled call; default the backend's (`default_batch_size`).
+        compiler_options: XLA's options (`fvis.Job.compiler_options`); default the backend's.
 
     Returns:
         A `concurrent.futures.Future` of the compiled program: a callable with
         `values_function`'s signature for batches of `batch_size` images and U units. Pass it
         as `measure(..., program=...)` with the same settings.
     """
-    function = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed)
+    function = values_function(forward, objective, draws=draws, jitter=jitter, scale=scale, seed=seed,
+                               compiler_options=compiler_options)
     batch = default_batch_size(batch_size)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     weights = jax.tree.map(lambda w: spec(np.shape(w), np.asarray(w).dtype), forward.weights())

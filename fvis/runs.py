@@ -149,7 +149,8 @@ def quality_step(quality, model, *, seed=0, progress="auto"):
         """Before `job` runs: its quality program traced, and compiled on a background thread."""
         with job.matmul_scope():
             programs[id(job)] = quality_lib.compile_in_background(
-                job.forward, job.objective, job.units, job.image_shape, draws=quality.draws, seed=seed)
+                job.forward, job.objective, job.units, job.image_shape, draws=quality.draws, seed=seed,
+                compiler_options=job.compiler_options)
 
     def finish(job, result, folder, summary, previous=None):
         began = time.perf_counter()
@@ -224,7 +225,8 @@ def _meta(model, job, layer=None):
     layer = {} if layer is None else {"layer": layer}
     return {"model": model.name, "objective": job.objective.name, **layer, "image_size": list(model.image_size),
             "loop": job.loop, "precision": job.forward.rewrites.precision, "matmul_precision": job.matmul_precision,
-            "redirect_relu": job.forward.rewrites.redirect_relu, "model_facts": job.facts}
+            "redirect_relu": job.forward.rewrites.redirect_relu, "compiler_options": job.compiler_options,
+            "model_facts": job.facts}
 
 
 def _run_layers(jobs, out_dir, model, config, display, finish, progress):

@@ -118,6 +118,7 @@ class Job:
     matmul_precision: dict = dataclasses.field(default_factory=lambda: matmul_lib.describe("auto"))
     in_program: dict = None  # the compiled programs' dot and convolution precisions, once compiled
     workers: int = 1  # chunks optimised at once, each from its own thread (see `run`)
+    compiler_options: dict = dataclasses.field(default_factory=dict)  # XLA's, for every program of the job
 
     def chunks(self):
         """The fixed chunk schedule: list of (index, units) with len(units) <= batch_size."""
@@ -150,7 +151,7 @@ class Job:
             chunk, estimate = chunks_lib.compile_chunk(
                 self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
                 images_per_unit=self.images_per_unit, weights=weights, units=self._placed(self.units[:1], batch_size),
-                value_units=self.units, on_lowered=self._read_programs)
+                value_units=self.units, on_lowered=self._read_programs, compiler_options=self.compiler_options)
         return chunk, estimate, time.perf_counter() - start
 
     def matmul_scope(self):
@@ -169,7 +170,8 @@ class Job:
                 self._read_programs(chunks_lib.lower_chunk(
                     self.renderer, steps=self.steps, loop=self.loop, mesh=self.mesh, seed=self.seed,
                     images_per_unit=self.images_per_unit, weights=self.placed_weights(),
-                    units=self._placed(self.units[:1]), value_units=self.units)[0])
+                    units=self._placed(self.units[:1]), value_units=self.units,
+                    compiler_options=self.compiler_options)[0])
         return self.in_program
 
     def smaller_batch(self, batch_size):
@@ -542,7 +544,8 @@ def prepare(model, objective, units="all", *, param=None, transform=None, optimi
     _log_facts(facts, rewrites, matmul)
     return Job(forward, objective, units, batch_size, settings.images_per_unit, settings.steps, settings.seed,
                renderer, image_shape, loop, mesh, facts, settings.snapshots,
-               auto_batch=settings.batch_size == "auto", matmul_precision=matmul, workers=workers)
+               auto_batch=settings.batch_size == "auto", matmul_precision=matmul, workers=workers,
+               compiler_options=devices_lib.compiler_options(mesh.devices.flat[0].platform))
 
 
 def _log_facts(facts, rewrites, matmul):
