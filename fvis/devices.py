@@ -80,9 +80,10 @@ def compiler_options(platform=None):
     backend): a new dict, for `jax.jit(..., compiler_options=...)`.
 
     On CPU, `xla_backend_optimization_level` 1 (XLA's default is 3): the reference job's four
-    programs compiled in 8.5 CPU-seconds instead of 13.0 on a 2-core AMD EPYC, their outputs bit
-    for bit the same (pixel and Fourier parameterizations), the step as fast (its convolutions
-    are library calls; the fused elementwise loops XLA emits vectorised at either level).
+    programs compiled in 8.5 CPU-seconds instead of 13.0 on a 2-core AMD EPYC (Zen 3), their
+    outputs bit for bit the same (pixel and Fourier parameterizations), the step as fast (its
+    convolutions are library calls, which the level does not touch; the loops XLA generates
+    between them measured as fast). GPU and TPU: XLA's defaults ({}), not measured.
     Measured in experiments/results/README.md, "XLA's optimisation level".
     """
     return dict(auto_setting("compiler_options", platform))
