@@ -39,7 +39,7 @@ def test_the_backends_options_reach_each_chunk_program_and_the_quality_program(t
                                         weights=job.placed_weights(), units=job._placed(job.units[:1]),
                                         value_units=job.units, compiler_options=job.compiler_options)
         assert set(lowered) == ({"init", "step", "finish"} if loop == "host" else {"scan"})
-        for name, program in lowered.items():
+        for program in lowered.values():
             with pytest.raises(Exception, match="xla_fvis_no_such_option"):
                 program.compile()
     future = quality.compile_in_background(job.forward, job.objective, job.units, job.image_shape,
