@@ -1,7 +1,6 @@
 """Several hosts from the command line: two processes on one machine as two hosts on CPU."""
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -11,6 +10,7 @@ from hydra import compose, initialize_config_module
 
 from fvis import cli
 from fvis.errors import InvalidValueError
+from tests.conftest import cpu_devices_env
 
 JOB = ["model=tiny", "filters=0:4", "batch_size=2", "steps=3"]
 
@@ -63,7 +63,7 @@ def test_two_processes_as_two_hosts_write_what_one_process_writes(tmp_path):
     assert not folders[1].exists() or [p for p in folders[1].rglob("*") if p.is_file()] == []
 
     single = tmp_path / "single"   # one process with two CPU devices: the same mesh, so the same rounding
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    env = cpu_devices_env(2)
     proc = subprocess.run([sys.executable, "-m", "fvis", *JOB, f"hydra.run.dir={single}"], env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr

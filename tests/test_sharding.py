@@ -1,12 +1,13 @@
 """Units sharded over several devices, or hosts, give the single-device images (simulated CPU devices)."""
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 
 import numpy as np
+
+from tests.conftest import cpu_devices_env
 
 SCRIPT = textwrap.dedent("""
     import json
@@ -32,7 +33,7 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_units_sharded_over_four_devices_equal_the_single_device_run():
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(4, JAX_PLATFORMS="cpu")
     done = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -68,7 +69,7 @@ def _free_port():
 
 def test_two_processes_with_jax_distributed_equal_one_process(tmp_path):
     import fvis
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
+    env = cpu_devices_env(2, JAX_PLATFORMS="cpu")
     port, logs = str(_free_port()), [tmp_path / f"process_{i}.txt" for i in range(2)]
     procs = [subprocess.Popen([sys.executable, "-c", MULTI_HOST, str(i), port], env=env, stdout=open(logs[i], "w"),
                               stderr=subprocess.STDOUT) for i in range(2)]  # files: a full pipe would deadlock
