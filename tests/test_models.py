@@ -55,6 +55,40 @@ def test_efficientnet_lite0_is_cached_and_resizable(lite0):
     assert layers.feature_extractor(small.model, ["block4c_add"], (160, 120)).outputs[0].shape[1:3] == (10, 8)
 
 
+def test_lite0_conversion_runs_no_initializer_and_writes_the_weights_the_cache_held(lite0, tmp_path, monkeypatch):
+    """Converting the checkpoint (first use) builds the Keras model without running any random Keras
+    initializer (each one a program compiled under JAX, 12 s of a cold first use on a CPU): every weight
+    comes from the checkpoint. The file it writes holds the weights of the one already cached."""
+    from keras.src import backend as keras_backend
+    from keras.src.initializers.random_initializers import RandomInitializer
+    from fvis.models import keras_init, keras_zoo
+    ran = []
+
+    def counted(real):
+        def initialize(variable, initializer):
+            if isinstance(initializer, RandomInitializer):
+                ran.append(variable.path)
+            return real(variable, initializer)
+        return initialize
+
+    cached = keras_zoo.efficientnet_lite0_weights()
+    monkeypatch.setenv("FVIS_CACHE_DIR", str(tmp_path))
+    with monkeypatch.context() as patch:
+        patch.setattr(keras_backend.Variable, "_initialize_with_initializer",
+                      counted(keras_backend.Variable._initialize_with_initializer))
+        patch.setattr(keras_init, "_ORIGINAL", counted(keras_init._ORIGINAL))
+        converted = keras_zoo.efficientnet_lite0_weights()
+        assert converted.parent == tmp_path and ran == []
+        keras.layers.Conv2D(4, 3, name="control").build((None, 8, 8, 3))  # outside the conversion
+    assert ran == ["control/kernel"]  # Keras' random initializers are counted
+    weights = []
+    for path in (cached, converted):
+        model = keras_zoo.build_efficientnet_lite0((224, 224, 3), include_top=True)
+        model.load_weights(path)
+        weights.append(model.get_weights())
+    assert len(weights[1]) == 250 and all(np.array_equal(a, b) for a, b in zip(*weights))
+
+
 def _first_layer_input(vis_model, layer):
     extractor = layers.feature_extractor(vis_model.model, [layer], vis_model.image_size)
     ones = np.ones((2, *vis_model.image_size, 3), "float32") * np.array([-1, 1], "float32")[:, None, None, None]

@@ -16,6 +16,7 @@ import numpy as np
 
 from fvis.devices import cache_dir
 from fvis.errors import MissingFileError
+from fvis.models import keras_init
 from fvis.torch_checkpoint import load_legacy_state_dict
 
 LITE0_CHECKPOINT = "efficientnet-lite0-57934424.pth"
@@ -137,9 +138,10 @@ def efficientnet_lite0_weights():
     digest = hashlib.sha256(source.read_bytes()).hexdigest()[:12]
     target = cache_dir() / f"efficientnet_lite0-{digest}.weights.h5"
     if not target.exists():
-        model = build_efficientnet_lite0((224, 224, 3), include_top=True)
-        state = load_legacy_state_dict(source)
-        used = convert_lite0(state, model)
+        with keras_init.skipped_initial_values():  # every weight comes from the checkpoint: no initializer runs
+            model = build_efficientnet_lite0((224, 224, 3), include_top=True)
+            state = load_legacy_state_dict(source)
+            used = convert_lite0(state, model)
         unused = {k for k in state if not k.endswith("num_batches_tracked")} - used
         if unused:
             raise ValueError(f"Checkpoint keys not mapped to the Keras model: {sorted(unused)[:5]}")
