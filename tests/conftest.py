@@ -16,6 +16,7 @@ import pytest  # noqa: E402
 
 import fvis  # noqa: F401  (selects Keras' JAX backend before any test module imports keras)
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 
 # JAX's persistent compilation cache, one folder per test process (removed at exit), every program in it:
 # tests that compile the same program (same model, shapes and settings) compile it once. Tests of the
@@ -39,6 +40,12 @@ def cpu_devices_env(count, **extra):
     the flags set above), plus `extra` variables."""
     flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={count}".strip()
     return {**os.environ, "XLA_FLAGS": flags, **extra}
+
+
+def value_and_input_gradient(f, x):
+    """`f(x)` and the input gradient of `sum(sin(f(x)))` (a loss whose gradient varies with every output),
+    in one compiled call, as a job runs them: op by op, each of their operations would compile alone."""
+    return jax.jit(lambda x: (f(x), jax.grad(lambda v: jnp.sum(jnp.sin(f(v))))(x)))(x)
 
 
 def shared_path(*parts):

@@ -11,6 +11,7 @@ import pytest
 import fvis
 from fvis.models.keras_ops import (batchnorm_folds, conv_pointwise_as_dot, cpu_ops, depthwise_conv_by_slices,
                                   max_pool_by_slices)
+from tests.conftest import value_and_input_gradient
 
 
 @pytest.mark.parametrize("shape, pool, strides, padding, data_format", [
@@ -23,11 +24,10 @@ from fvis.models.keras_ops import (batchnorm_folds, conv_pointwise_as_dot, cpu_o
 ])
 def test_values_and_gradients_equal_keras(shape, pool, strides, padding, data_format):
     x = jnp.asarray(np.random.default_rng(0).normal(size=shape).astype("float32"))
-    ours = lambda x: max_pool_by_slices(x, pool, strides, padding, data_format)
-    keras_pool = lambda x: keras.ops.max_pool(x, pool, strides, padding, data_format)
-    np.testing.assert_array_equal(ours(x), keras_pool(x))
-    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-    np.testing.assert_allclose(grad(ours), grad(keras_pool), atol=1e-7)
+    ours = value_and_input_gradient(lambda x: max_pool_by_slices(x, pool, strides, padding, data_format), x)
+    theirs = value_and_input_gradient(lambda x: keras.ops.max_pool(x, pool, strides, padding, data_format), x)
+    np.testing.assert_array_equal(ours[0], theirs[0])
+    np.testing.assert_allclose(ours[1], theirs[1], atol=1e-7)
 
 
 def test_forward_with_cpu_ops_equals_forward_without():
@@ -44,8 +44,9 @@ def test_forward_with_cpu_ops_equals_forward_without():
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (32, 32, 3)).astype("float32"))
     w = job.forward.weights()
     value = lambda fwd: lambda x: jnp.mean(fwd(w, x)["conv3"] ** 2)
-    np.testing.assert_allclose(value(sliced)(x), value(plain)(x), rtol=1e-6)
-    np.testing.assert_allclose(jax.grad(value(sliced))(x), jax.grad(value(plain))(x), rtol=1e-5, atol=1e-9)
+    ours, theirs = (jax.jit(jax.value_and_grad(value(fwd)))(x) for fwd in (sliced, plain))
+    np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-6)
+    np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-5, atol=1e-9)
     assert "reduce-window" not in jax.jit(jax.grad(value(sliced))).lower(x).compile().as_text()
 
 
@@ -60,11 +61,11 @@ def test_pointwise_conv_equals_keras(kernel, strides, dilation, padding):
     rng = np.random.default_rng(2)
     x = jnp.asarray(rng.normal(size=(2, 9, 7, 6)).astype("float32"))
     k = jnp.asarray(rng.normal(size=kernel).astype("float32"))
-    ours = lambda x: conv_pointwise_as_dot(x, k, strides, padding, "channels_last", dilation)
-    keras_conv = lambda x: keras.ops.conv(x, k, strides, padding, "channels_last", dilation)
-    np.testing.assert_allclose(ours(x), keras_conv(x), rtol=1e-5, atol=1e-5)
-    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-    np.testing.assert_allclose(grad(ours), grad(keras_conv), rtol=1e-5, atol=1e-5)
+    args = (strides, padding, "channels_last", dilation)
+    ours = value_and_input_gradient(lambda x: conv_pointwise_as_dot(x, k, *args), x)
+    theirs = value_and_input_gradient(lambda x: keras.ops.conv(x, k, *args), x)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_the_swap_is_undone():
@@ -119,11 +120,11 @@ def test_depthwise_conv_by_slices_equals_keras(shape, kernel, strides, padding, 
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.normal(size=shape).astype("float32"))
     k = jnp.asarray(rng.normal(size=kernel).astype("float32"))
-    ours = lambda x: depthwise_conv_by_slices(x, k, strides, padding, data_format, dilation)
-    theirs = lambda x: keras.ops.depthwise_conv(x, k, strides, padding, data_format, dilation)
-    np.testing.assert_allclose(ours(x), theirs(x), atol=1e-5)
-    grad = lambda f: jax.grad(lambda x: jnp.sum(jnp.sin(f(x))))(x)
-    np.testing.assert_allclose(grad(ours), grad(theirs), atol=1e-5)
+    args = (strides, padding, data_format, dilation)
+    ours = value_and_input_gradient(lambda x: depthwise_conv_by_slices(x, k, *args), x)
+    theirs = value_and_input_gradient(lambda x: keras.ops.depthwise_conv(x, k, *args), x)
+    for a, b in zip(ours, theirs):
+        np.testing.assert_allclose(a, b, atol=1e-5)
 
 
 def _conv_bn_model():
@@ -178,9 +179,9 @@ def test_folded_forward_equals_keras(read):
     x = jnp.asarray(np.random.default_rng(1).uniform(-1, 1, (12, 12, 3)).astype("float32"))
     w = forward.weights()
     for path in read:
-        np.testing.assert_allclose(folded(w, x)[path], plain(w, x)[path], rtol=1e-5, atol=1e-5)
-        value = lambda fwd: lambda x: jnp.sum(jnp.sin(fwd(w, x)[path]))
-        np.testing.assert_allclose(jax.grad(value(folded))(x), jax.grad(value(plain))(x), rtol=1e-4, atol=1e-5)
+        ours, theirs = (value_and_input_gradient(lambda x: fwd(w, x)[path], x) for fwd in (folded, plain))
+        np.testing.assert_allclose(ours[0], theirs[0], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(ours[1], theirs[1], rtol=1e-4, atol=1e-5)
     # A batch norm computes x * scale on the feature map; folded, that multiply is gone from the program.
     feature_map_multiplies = lambda fwd: len(re.findall(r"stablehlo.multiply [^\n]*: tensor<1x(?:12x12|6x6)x",
                                                         jax.jit(lambda x: fwd(w, x)[read[0]]).lower(x).as_text()))
@@ -210,9 +211,9 @@ def test_flax_depthwise_convolutions_as_slices_keep_values_and_gradients():
     x = jnp.asarray(np.random.default_rng(4).uniform(-1, 1, (13, 12, 3)).astype("float32"))
     w = forward.weights()
     for path in ("b", "c"):
-        np.testing.assert_allclose(sliced(w, x)[path], plain(w, x)[path], atol=1e-5)
-        value = lambda fwd: lambda x: jnp.sum(jnp.sin(fwd(w, x)[path]))
-        np.testing.assert_allclose(jax.grad(value(sliced))(x), jax.grad(value(plain))(x), atol=1e-5)
+        ours, theirs = (value_and_input_gradient(lambda x: fwd(w, x)[path], x) for fwd in (sliced, plain))
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, atol=1e-5)
     text = jax.jit(lambda x: sliced(w, x)["c"]).lower(x).as_text()
     assert "feature_group_count = 3" not in text and "feature_group_count = 6" not in text
 

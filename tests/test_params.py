@@ -23,15 +23,15 @@ def all_params():
 @pytest.mark.parametrize("name", ["pixel", "fourier", "fourier_rgb", "maco"])
 def test_shapes_ranges_and_gradients(name, shape):
     p = all_params()[name]
-    theta = p.init(jax.random.key(0), shape)
-    image = p.to_image(theta)
+    init = jax.jit(p.init, static_argnums=1)  # compiled, as in a job (op by op, each operation compiles alone)
+    theta = init(jax.random.key(0), shape)
+    target = jax.random.normal(jax.random.key(1), shape)
+    image, grads = jax.jit(lambda t: (p.to_image(t), jax.grad(lambda t: jnp.sum(p.to_image(t) * target))(t)))(theta)
     assert image.shape == shape and image.dtype == jnp.float32
     assert float(image.min()) >= -1 and float(image.max()) <= 1
-    target = jax.random.normal(jax.random.key(1), shape)
-    grads = jax.grad(lambda t: jnp.sum(p.to_image(t) * target))(theta)
     assert grads.shape == theta.shape and bool(jnp.all(jnp.isfinite(grads)))
     assert float(jnp.abs(grads).max()) > 0
-    np.testing.assert_array_equal(p.init(jax.random.key(0), shape), theta)  # deterministic per key
+    np.testing.assert_array_equal(init(jax.random.key(0), shape), theta)  # deterministic per key
 
 
 def test_decorrelated_colour_round_trip_is_identity():
@@ -61,8 +61,10 @@ def test_fourier_coefficient_gives_its_scaled_cosine():
 
 def test_fourier_random_spectrum_follows_the_power_law():
     theta = params.fourier().init(jax.random.key(0), (128, 128, 1))
+    slope_of = jax.jit(lambda theta, decay: quality.spectral_slope(params.fourier_image(theta, decay)),
+                       static_argnums=1)
     for decay, slope in [(0.0, 0.0), (1.0, -2.0)]:
-        measured = quality.spectral_slope(params.fourier_image(theta, decay))
+        measured = slope_of(theta, decay)
         assert abs(float(measured) - slope) < 0.25, (decay, measured)
 
 

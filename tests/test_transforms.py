@@ -25,7 +25,7 @@ def image(shape, seed=0):
 @pytest.mark.parametrize("shape", [(32, 32, 3), (48, 61, 3), (53, 40, 1)])
 @pytest.mark.parametrize("name", sorted(ALL))
 def test_shape_dtype_and_determinism_per_key(name, shape):
-    t, x = ALL[name], image(shape)
+    t, x = jax.jit(ALL[name]), image(shape)  # compiled, as in a job (op by op, each operation compiles alone)
     a, b, c = t(jax.random.key(1), x), t(jax.random.key(1), x), t(jax.random.key(2), x)
     assert a.shape == shape and a.dtype == jnp.float32
     np.testing.assert_array_equal(a, b)
