@@ -25,6 +25,10 @@ _JAX_CACHE = tempfile.mkdtemp(prefix="fvis-tests-jax-cache-")
 atexit.register(shutil.rmtree, _JAX_CACHE, ignore_errors=True)
 jax.config.update("jax_compilation_cache_dir", _JAX_CACHE)
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# The `fvis` subprocesses of a test process share FVIS_CACHE_DIR's cache (see _isolated_cache); every
+# program in it: at level 1 most of the tiny model's initializers compile in under fvis' 0.2 s threshold,
+# and each subprocess compiled them again (0.4 s of a warm 5.7 s `fvis model=tiny` job).
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 
