@@ -129,8 +129,13 @@ def use_compilation_cache(setting=True):
             `default_compilation_cache()`; a path: that folder; False or None: leave
             JAX's configuration as it is.
 
+    The folder is set as its absolute path, links resolved: JAX's cache key covers the
+    folder's name (the compile options name XLA's autotuning cache inside it), so
+    `cache` and `/home/me/cache`, one folder, would otherwise hold two copies of every
+    program and the jobs of a sweep that name it differently would not share them.
+
     Returns:
-        The cache folder in use (a `Path`), or None.
+        The cache folder in use (an absolute `Path`), or None.
 
     Raises:
         InvalidValueError: a setting that is neither a bool nor a path, or a folder that
@@ -148,6 +153,7 @@ def use_compilation_cache(setting=True):
                                 f"Received: compilation_cache={setting!r}")
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        folder = folder.resolve()
     except OSError as e:
         raise InvalidValueError(f"compilation_cache: cannot create the folder '{folder}' ({type(e).__name__}: "
                                 f"{e.strerror or e}). Pass a folder you can write to, true (the default folder) "

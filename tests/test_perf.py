@@ -108,6 +108,27 @@ def test_persistent_compilation_cache_is_hit_on_the_second_run(tmp_path):
     assert runs[0]["images"] == runs[1]["images"]
 
 
+def test_one_cache_folder_however_named_holds_one_entry_per_program(tmp_path, monkeypatch):
+    """JAX's cache key covers the folder's name, so the folder is set by its absolute path, links resolved:
+    a program compiled with the folder named relatively is found again when it is named absolutely or
+    through a link, rather than compiled and stored a second time."""
+    from jax.experimental.compilation_cache import compilation_cache
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "cache")
+    monkeypatch.chdir(tmp_path)
+    before = jax.config.jax_compilation_cache_dir
+    try:
+        for name in ("cache", tmp_path / "cache", "link"):
+            assert devices.use_compilation_cache(name) == (tmp_path / "cache").resolve()
+            assert jax.config.jax_compilation_cache_dir == str((tmp_path / "cache").resolve())
+            compilation_cache.reset_cache()
+            jax.jit(lambda x: jnp.sin(x) * 3.0 + 1.0)(jnp.arange(7.0))  # a new function: looked up in the folder
+        assert len([p for p in (tmp_path / "cache").iterdir() if p.name.startswith("jit__lambda")]) == 1
+    finally:
+        jax.config.update("jax_compilation_cache_dir", before)
+        compilation_cache.reset_cache()
+
+
 def test_visualize_leaves_the_compilation_cache_setting_alone(tiny):
     """Side effects belong to the entry points: the library never switches JAX's global cache."""
     before = jax.config.jax_compilation_cache_dir
