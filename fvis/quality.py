@@ -87,23 +87,36 @@ def values_function(forward, objective, *, draws=8, jitter=8, scale=0.1, seed=0,
     1 +- `scale`) keyed by `split(fold_in(key(seed), i), draws)[d]`; d < 0 keeps the
     image as it is. Build it once per job and pass it to `unit_values` and `robustness`:
     each call with the same shapes reuses its compilation (units, indices and draws are
-    arguments, so the job's images, its photos and the draws share it). `compiler_options`:
+    arguments, so the job's images, its photos and the draws share it; so is the seed, so
+    the jobs of a seed sweep share it through the compilation cache). `compiler_options`:
     XLA's options to compile it with (`fvis.Job.compiler_options`); default the backend's
     (`fvis.devices.compiler_options`).
 
     Returns:
-        jitted `(weights, images (B, H, W, C) float32, units (U,) int32, index (B,) int32,
-        draw (B,) int32) -> (B, U) float32`.
+        `(weights, images (B, H, W, C) float32, units (U,) int32, index (B,) int32,
+        draw (B,) int32) -> (B, U) float32`, the jitted program with `seed` bound (its
+        `.program` takes the seed, a uint32 scalar, as a sixth argument).
     """
     move = transforms.compose([transforms.jitter(jitter), transforms.random_scale((1 - scale, 1 + scale))])
 
-    def quality_values(w, image, units, index, draw):
+    def quality_values(w, image, units, index, draw, seed):
         keys = jax.random.split(jax.random.fold_in(jax.random.key(seed), index), draws)
         x = jnp.where(draw >= 0, move(keys[jnp.maximum(draw, 0)], image), image)
         return _values(forward, objective, w, x, units)
 
     options = devices.compiler_options() if compiler_options is None else compiler_options
-    return jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0)), compiler_options=options)
+    return _Seeded(jax.jit(jax.vmap(quality_values, (None, 0, None, 0, 0, None)), compiler_options=options), seed)
+
+
+class _Seeded:
+    """A quality program (jitted or compiled) called without its last argument, the seed: bound here
+    as a uint32 (`key(uint32 s)` is `key(s)` for seeds in [0, 2**32))."""
+
+    def __init__(self, program, seed):
+        self.program, self.seed = program, np.uint32(seed)
+
+    def __call__(self, weights, images, units, index, draw):
+        return self.program(weights, images, units, index, draw, self.seed)
 
 
 def compile_in_background(forward, objective, units, image_shape, *, draws=8, jitter=8, scale=0.1, seed=0,
@@ -134,11 +147,11 @@ def compile_in_background(forward, objective, units, image_shape, *, draws=8, ji
     batch = default_batch_size(batch_size)
     spec = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype)
     weights = jax.tree.map(lambda w: spec(np.shape(w), np.asarray(w).dtype), forward.weights())
-    lowered = function.lower(weights, spec((batch, *image_shape), jnp.float32), spec((len(units),), jnp.int32),
-                             spec((batch,), jnp.int32), spec((batch,), jnp.int32))
+    lowered = function.program.lower(weights, spec((batch, *image_shape), jnp.float32), spec((len(units),), jnp.int32),
+                                     spec((batch,), jnp.int32), spec((batch,), jnp.int32), spec((), jnp.uint32))
     pool = ThreadPoolExecutor(1, thread_name_prefix="fvis-quality-compile")
     try:
-        return pool.submit(lowered.compile)
+        return pool.submit(lambda: _Seeded(lowered.compile(), seed))
     finally:
         pool.shutdown(wait=False)
 

@@ -97,7 +97,7 @@ SEED_SWEEP = textwrap.dedent("""
     jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
     with initialize_config_module(config_module="fvis.conf", version_base="1.3"):
         for seed in (0, 1):
-            cfg = compose("config", overrides=["model=tiny", "filters=0:2", "steps=2", "quality.enabled=false",
+            cfg = compose("config", overrides=["model=tiny", "filters=0:2", "steps=2", "quality.draws=2",
                                                f"seed={seed}", f"compilation_cache={sys.argv[1]}/cache"])
             events.clear()
             cli.run(cfg, f"{sys.argv[1]}/seed{seed}")
@@ -107,7 +107,8 @@ SEED_SWEEP = textwrap.dedent("""
 
 
 def test_jobs_that_differ_only_in_their_seed_compile_once(tmp_path):
-    """A seed sweep in one process: the second job's programs all come from the compilation cache."""
+    """A seed sweep in one process: the second job's programs, the quality report's too (its robustness draws
+    take the seed as an argument), all come from the compilation cache."""
     env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
     out = subprocess.run([sys.executable, "-c", SEED_SWEEP, str(tmp_path)], env=env, capture_output=True, text=True,
                          check=True).stdout.strip().splitlines()
