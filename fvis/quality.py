@@ -151,7 +151,7 @@ def compile_in_background(forward, objective, units, image_shape, *, draws=8, ji
                                      spec((batch,), jnp.int32), spec((batch,), jnp.int32), spec((), jnp.uint32))
     pool = ThreadPoolExecutor(1, thread_name_prefix="fvis-quality-compile")
     try:
-        return pool.submit(lambda: _Seeded(lowered.compile(), seed))
+        return pool.submit(lambda: _Seeded(lowered.compile(), function.seed))
     finally:
         pool.shutdown(wait=False)
 
