@@ -78,10 +78,17 @@ def lower_chunk(renderer, *, steps, loop, mesh, seed, images_per_unit, weights, 
 
     if check_loop(loop) == "scan":
         run = render.scan_chunk(renderer, steps)
-        lower("scan", jit(lambda w, u, s, v: run(w, u, keys(u, s), v), (replicated, by_unit, replicated, replicated)),
-              weights, units, seed, value_units)
+
+        def scan(w, u, s, v):  # named: XLA's module and the compilation cache's entries read "jit_scan"
+            return run(w, u, keys(u, s), v)
+
+        lower("scan", jit(scan, (replicated, by_unit, replicated, replicated)), weights, units, seed, value_units)
         return lowered, (seed, value_units)
-    init = jit(lambda u, s: renderer.init(u, keys(u, s)), (by_unit, replicated))
+
+    def init(u, s):
+        return renderer.init(u, keys(u, s))
+
+    init = jit(init, (by_unit, replicated))
     state = jax.eval_shape(init, units, seed)
     lower("step", jit(renderer.step, (replicated, by_unit, by_unit, replicated), donate_argnums=1), weights, state,
           units, np.int32(0))

@@ -257,10 +257,18 @@ def _run(cfg, out_dir, record, *, quality_enabled=None):
         param = params.start_from(param, cfg.start_image)
     outcome = runs.run_job(model, _objective(cfg, layers), resolved["filters"], out_dir, layers=layers,
                            param=param, transform=_instantiate(cfg.transform),
-                           optimizer=_instantiate(cfg.optimizer), settings=settings, display=display,
+                           optimizer=_optimizer(cfg.optimizer), settings=settings, display=display,
                            quality=quality, config=resolved, attempt=record)
     record["timings"]["total_s"] = time.perf_counter() - start
     return outcome.results, record
+
+
+def _optimizer(node):
+    """The optimizer config's optax transformation, its learning rate held in its state
+    (`optim.learning_rate_in_state`): the jobs of an lr sweep share one compiled step."""
+    plain = _instantiate(node)  # the factory's own errors, named as the config group's
+    factory = _instantiate(node, _partial_=True)
+    return plain if factory.args else optim.learning_rate_in_state(factory.func, **factory.keywords)
 
 
 _LAST_MODEL = {}  # this process' last Keras model built from a config: key, model, digest of its variables

@@ -6,6 +6,8 @@ The reference rule ("normalise the gradient to unit L2 norm, then step") is
 `normalized_ascent`; `optax.adam(0.05)` and the rest plug into the same place.
 """
 
+import inspect
+
 import jax
 import jax.numpy as jnp
 import optax
@@ -34,10 +36,56 @@ def normalized_ascent(learning_rate=10.0):
     Written for the minimised (negated) objective, as optax expects.
 
     Args:
-        learning_rate: step length in fvis' [-1, 1] image space, > 0.
+        learning_rate: step length in fvis' [-1, 1] image space, > 0: a number, or a float32
+            scalar array held in the optimiser state (`learning_rate_in_state`).
+
+    Raises:
+        InvalidValueError: a learning rate given as a number that is not finite and > 0.
     """
-    check_learning_rate(learning_rate)
-    return optax.chain(scale_by_l2_norm(), optax.scale(-float(learning_rate)))
+    if not isinstance(learning_rate, jax.core.Tracer):
+        learning_rate = check_learning_rate(learning_rate)
+    return optax.chain(scale_by_l2_norm(), optax.scale(-learning_rate))
+
+
+def learning_rate_in_state(factory, **kwargs):
+    """`factory(**kwargs)` with its learning rate held in the optimiser state, not compiled in.
+
+    `optax.inject_hyperparams` keeps `learning_rate` as a float32 scalar in each image's state,
+    set by the job's init program; every other argument stays a Python constant, as the
+    factory alone would have it. The step program then does not depend on the learning rate,
+    so the jobs of a learning-rate sweep share it (through JAX's compilation cache). For
+    `normalized_ascent` and optax's `adam`, `nadam`, `adamw` and `sgd` the updates are the same
+    bits as with the rate compiled in (it enters as one final multiplication;
+    tests/test_optim.py); where a factory computes more with its rate, XLA may round that
+    differently in the last bit. Where the factory has no `learning_rate` argument, the rate
+    is not a number (a schedule), the factory takes `*args`/`**kwargs`, or it needs its rate
+    as a Python number (it fails when traced with an array), this returns `factory(**kwargs)`.
+
+    Args:
+        factory: a function returning an `optax.GradientTransformation` (`optax.adam`,
+            `fvis.optim.normalized_ascent`, ...).
+        **kwargs: its arguments, `learning_rate` among them.
+
+    Returns:
+        An `optax.GradientTransformation` (`optax.GradientTransformationExtraArgs` when wrapped).
+    """
+    plain = factory(**kwargs)
+    try:
+        parameters = inspect.signature(factory).parameters
+    except (TypeError, ValueError):
+        return plain
+    variadic = any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in parameters.values())
+    rate = kwargs.get("learning_rate")
+    if variadic or isinstance(rate, bool) or not isinstance(rate, (int, float)):
+        return plain  # absent, or a schedule: the factory keeps it
+    static = set(parameters) - {"learning_rate"}
+    wrapped = optax.inject_hyperparams(factory, static_args=static)(**{**kwargs, "learning_rate": float(rate)})
+    probe = jnp.zeros((2,), jnp.float32)
+    try:  # traced once, abstractly (no compile): a factory that needs a Python number raises here
+        jax.eval_shape(lambda p: wrapped.update(p, wrapped.init(p), p), probe)
+    except TypeError:  # jax.errors.ConcretizationTypeError and its kin are TypeErrors
+        return plain
+    return wrapped
 
 
 def check_learning_rate(learning_rate):

@@ -2,6 +2,7 @@
 about it changed, gives the images a fresh process gives, and jobs that differ only in their seed hit
 the compilation cache."""
 
+import collections
 import json
 import os
 import subprocess
@@ -88,7 +89,7 @@ def test_a_model_file_rewritten_between_jobs_is_loaded_again(tmp_path):
     np.testing.assert_array_equal(images, alone)
 
 
-SEED_SWEEP = textwrap.dedent("""
+SWEEP = textwrap.dedent("""
     import json, sys
     import jax
     from hydra import compose, initialize_config_module
@@ -96,22 +97,43 @@ SEED_SWEEP = textwrap.dedent("""
     events = []
     jax.monitoring.register_event_listener(lambda event, **kw: events.append(event))
     with initialize_config_module(config_module="fvis.conf", version_base="1.3"):
-        for seed in (0, 1):
+        for i, override in enumerate(sys.argv[2:]):
             cfg = compose("config", overrides=["model=tiny", "filters=0:2", "steps=2", "quality.draws=2",
-                                               f"seed={seed}", f"compilation_cache={sys.argv[1]}/cache"])
+                                               *override.split(), f"compilation_cache={sys.argv[1]}/cache"])
             events.clear()
-            cli.run(cfg, f"{sys.argv[1]}/seed{seed}")
+            cli.run(cfg, f"{sys.argv[1]}/job{i}")
             print(json.dumps({"misses": events.count("/jax/compilation_cache/cache_misses"),
                               "hits": events.count("/jax/compilation_cache/cache_hits")}))
 """)
 
 
+def sweep(tmp_path, *overrides):
+    """The jobs `overrides` (one string of overrides each) in one fresh process with its own compilation cache: each job's
+    cache misses and hits, and the cache folder."""
+    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    out = subprocess.run([sys.executable, "-c", SWEEP, str(tmp_path), *overrides], env=env, capture_output=True,
+                         text=True, check=True).stdout.strip().splitlines()
+    return [json.loads(line) for line in out[-len(overrides):]], tmp_path / "cache"
+
+
 def test_jobs_that_differ_only_in_their_seed_compile_once(tmp_path):
     """A seed sweep in one process: the second job's programs, the quality report's too (its robustness draws
     take the seed as an argument), all come from the compilation cache."""
-    env = {**os.environ, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
-    out = subprocess.run([sys.executable, "-c", SEED_SWEEP, str(tmp_path)], env=env, capture_output=True, text=True,
-                         check=True).stdout.strip().splitlines()
-    first, second = (json.loads(line) for line in out[-2:])
+    (first, second), _ = sweep(tmp_path, "seed=0", "seed=1")
     assert first["misses"] > 0  # the model's initializers and the job's programs
     assert second["misses"] == 0 and second["hits"] > 0  # the model is reused: only the job's programs
+
+
+def test_jobs_that_differ_only_in_their_learning_rate_share_the_step_program(tmp_path):
+    """An lr sweep in one process: the learning rate is a value in the optimiser state (set by the init
+    program), so the step, finish and quality programs are compiled once for both jobs and only the small
+    init program once per lr. With the rate compiled into the step, each lr had its own step program.
+    (That the images are those of the rate compiled in, bit for bit: tests/test_config_flow.py.)"""
+    for optimizer in ("normalized_ascent", "adam"):
+        folder = tmp_path / optimizer
+        _, cache = sweep(folder, f"optimizer={optimizer} lr=1", f"optimizer={optimizer} lr=5")
+        programs = collections.Counter(entry.name.rsplit("-", 2)[0] for entry in cache.iterdir())
+        assert programs["jit_step"] == programs["jit_finish"] == programs["jit_quality_values"] == 1, programs
+        assert programs["jit_init"] == 2, programs  # the init program, holding the rate
+        with np.load(folder / "job0" / "images.npz") as a, np.load(folder / "job1" / "images.npz") as b:
+            assert not np.array_equal(a["images"], b["images"])  # the rate reached the step
