@@ -196,3 +196,25 @@ def test_random_resnet_has_keras_initial_values(compiles):
     bn = model.get_layer("conv3_block1_preact_bn")
     for variable, value in ((bn.gamma, 1.0), (bn.beta, 0.0), (bn.moving_mean, 0.0), (bn.moving_variance, 1.0)):
         np.testing.assert_array_equal(np.asarray(variable.value), np.full(variable.shape, value, "float32"))
+
+
+def _seeded_small_model(seed):
+    keras.utils.set_random_seed(seed)  # every initializer gets an integer seed from Python's `random`
+    return _small_model()
+
+
+def test_initial_values_in_one_program_are_keras_own_bits(compiles):
+    """Inside `initial_values_in_one_program`, a model's initial values are the ones Keras' own path gives,
+    bit for bit, from one compiled program (Keras compiles one per random initializer and constant shape);
+    a variable assigned in the block keeps what it was assigned."""
+    own = [np.asarray(v.value) for v in _seeded_small_model(3).weights]
+    with compiles:
+        with keras_init.initial_values_in_one_program():
+            model = _seeded_small_model(3)
+            model.get_layer("dense").bias.assign(np.array([5.0, 6.0], "float32"))
+    assert compiles.count == 1
+    for variable, value in zip(model.weights, own, strict=True):
+        expected = np.array([5.0, 6.0], "float32") if variable.path == "dense/bias" else value
+        np.testing.assert_array_equal(np.asarray(variable.value), expected, err_msg=variable.path)
+        assert variable.value.dtype == expected.dtype
+    assert np.std(np.asarray(model.get_layer("conv").kernel.value)) > 0.1  # drawn, not the zeros it started as

@@ -3,7 +3,7 @@
 Keras creates every variable from its initializer, eagerly: under JAX each random
 initializer (and `jnp.zeros`/`jnp.ones` of each new shape) is a small XLA program
 compiled on first use, ~30 programs for ResNet50V2 and ~115 for EfficientNet-Lite0,
-seconds to tens of seconds of a cold start on a CPU. Two context managers avoid them:
+seconds to tens of seconds of a cold start on a CPU. Three context managers avoid them:
 
 - `skipped_initial_values()`, for a model whose weights are loaded right after it is
   built (both in the block): variables start as host zeros; when the block ends, any
@@ -12,6 +12,9 @@ seconds to tens of seconds of a cold start on a CPU. Two context managers avoid 
 - `host_initial_values()`, for a model whose initial values ARE its weights
   (`weights=None`): Keras' own initializers run, but their random draws come from
   numpy and their constants are numpy arrays (see `host_initial_values`).
+- `initial_values_in_one_program()`, where the initial values must stay Keras' own bits
+  (the tiny test model, whose weights the golden outputs hold): constants on the host,
+  every seeded random draw of the block in one compiled program.
 
 Both patch Keras' variable class (and the random module of Keras' initializers) for
 the duration of the block, in this process: build models in one thread at a time.
@@ -25,6 +28,8 @@ import numpy as np
 from keras.src import backend as keras_backend
 from keras.src.initializers import constant_initializers, random_initializers
 from keras.src.initializers.initializer import Initializer
+
+from fvis import devices
 
 _TRUNCATION = 2.0  # Keras' truncated_normal keeps draws within two standard deviations
 _HOST_DTYPES = ("float16", "float32", "float64")  # numpy draws these; other dtypes use Keras' own programs
@@ -112,14 +117,67 @@ def host_initial_values():
         yield
 
 
-def _host_value(initializer, shape, dtype):
-    """`initializer(shape)` computed in numpy, or None where that would not be Keras' value or distribution."""
+@contextlib.contextmanager
+def initial_values_in_one_program():
+    """Keras' own initial values, bit for bit, from one compiled program for the whole block.
+
+    Zeros, Ones and scalar Constant initializers give their values on the host; random
+    initializers with an integer seed (Keras gives each one such a seed from Python's
+    global `random`, which `keras.utils.set_random_seed` seeds) start as host zeros, and
+    when the block ends they are all drawn in one jitted program: the same JAX draws with
+    the same keys, so the same bits as one small program per variable, at the cost of one
+    compilation instead of one per shape (the tiny model: about ten programs), at fvis'
+    XLA options (`fvis.devices.compiler_options`: on a CPU, level 1, where XLA's default
+    level 3 takes seconds per random draw and gives the same bits). Use it
+    around building a model, not around code that reads initial values (they are zeros
+    until the block ends); a variable assigned in the block keeps what it was assigned.
+    Other initializers (a `SeedGenerator` seed), dtypes numpy lacks and distributed
+    layouts keep Keras' own path.
+    """
+    pending = []
+
+    def initialize(variable, initializer):
+        shape, dtype = tuple(variable._shape), _numpy_dtype(variable._dtype)
+        if not (dtype and _no_layout(variable)):
+            return _ORIGINAL(variable, initializer)
+        value = _constant_value(initializer, shape, dtype)
+        if value is not None:
+            return variable._initialize(_on_device(value))
+        if not (isinstance(initializer, random_initializers.RandomInitializer) and _int_seed(initializer.seed)):
+            return _ORIGINAL(variable, initializer)
+        variable._initialize(_on_device(np.zeros(shape, dtype)))
+        pending.append((variable, variable._value, initializer))
+
+    with _patched(keras_backend.Variable, "_initialize_with_initializer", initialize):
+        yield
+    if pending:
+        draw = lambda: [init(tuple(v._shape), dtype=v._dtype) for v, _, init in pending]
+        values = jax.jit(draw, compiler_options=devices.compiler_options())()  # fvis' level: same bits
+        for (variable, placeholder, _), value in zip(pending, values):
+            if variable._value is placeholder:  # nothing assigned it in the block
+                variable._initialize(value)
+
+
+def _constant_value(initializer, shape, dtype):
+    """Zeros, Ones and scalar Constant initializers' values in numpy (Keras' values), else None."""
     if type(initializer) is constant_initializers.Zeros:
         return np.zeros(shape, dtype)
     if type(initializer) is constant_initializers.Ones:
         return np.ones(shape, dtype)
     if type(initializer) is constant_initializers.Constant and np.ndim(initializer.value) == 0:
         return np.full(shape, initializer.value, dtype)
+    return None
+
+
+def _int_seed(seed):
+    return isinstance(seed, int) and not isinstance(seed, bool)
+
+
+def _host_value(initializer, shape, dtype):
+    """`initializer(shape)` computed in numpy, or None where that would not be Keras' value or distribution."""
+    constant = _constant_value(initializer, shape, dtype)
+    if constant is not None:
+        return constant
     random_class = isinstance(initializer, random_initializers.RandomInitializer)
     if random_class and isinstance(initializer.seed, int) and dtype.name in _HOST_DTYPES:
         return initializer(shape, dtype=dtype.name)  # draws through `_HostRandom`
@@ -172,7 +230,7 @@ def truncated_standard_normal(rng, shape):
 
 
 def _host_draw(seed, dtype):
-    return isinstance(seed, int) and not isinstance(seed, bool) and (dtype or keras_backend.floatx()) in _HOST_DTYPES
+    return _int_seed(seed) and (dtype or keras_backend.floatx()) in _HOST_DTYPES
 
 
 def _cast(value, dtype):
