@@ -10,7 +10,6 @@ import sys
 import textwrap
 
 import numpy as np
-import pytest
 from hydra import compose, initialize_config_module
 
 from fvis import cli
