@@ -2,9 +2,10 @@
 
     python experiments/sweep_overhead.py                       # tiny x 100 and MobileNet x 20 -> results/sweep_overhead.json
     git worktree add /tmp/fvis-main <commit>; python experiments/sweep_overhead.py --label before --code /tmp/fvis-main
+    python experiments/sweep_overhead.py --over lr --jobs tiny=8   # lr=range(1,9) instead of the seeds
 
 Each sweep is the `fvis` command as a user runs it, Hydra's basic launcher (one process, jobs one
-after another), swept over `seed`, with a fresh compilation-cache folder (so the first job
+after another), swept over `seed` (or `lr`, 1 to N), with a fresh compilation-cache folder (so the first job
 compiles and the others can hit the cache) and the quality report on:
 
     fvis -m model=tiny filters=0:2 steps=2 seed=range(0,100) compilation_cache=<fresh folder>
@@ -34,6 +35,7 @@ WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_0.25_224.weights.h5"
 SWEEPS = {
     "tiny": ["model=tiny", "filters=0:2", "steps=2"],
     "mobilenet": ["model=mobilenet", f"model.weights={WEIGHTS}", "filters=0:2", "steps=2", "image_size=[128,128]"],
+    "resnet50v2": ["model=resnet50v2", "model.weights=null", "filters=0:2", "steps=2"],  # the reference's 180 px
 }
 PHASES = ("build_s", "compile_s", "optimize_s", "quality_s", "rest_s", "total_s")
 
@@ -57,10 +59,10 @@ def job_rows(folder):
     return sorted(rows, key=lambda r: r["started"])
 
 
-def sweep(name, jobs, label, code):
+def sweep(name, jobs, label, code, over="seed"):
     with tempfile.TemporaryDirectory(prefix="fvis-sweep-") as tmp:
         folder, cache = Path(tmp) / "sweep", Path(tmp) / "cache"
-        args = [sys.executable, "-m", "fvis", "-m", *SWEEPS[name], f"seed=range(0,{jobs})",
+        args = [sys.executable, "-m", "fvis", "-m", *SWEEPS[name], f"seed=range(0,{jobs})" if over == "seed" else f"lr=range(1,{jobs + 1})",
                 f"compilation_cache={cache}", f"hydra.sweep.dir={folder}"]
         start, cpu, clock = time.perf_counter(), os.times(), time.time()
         out = subprocess.run(args, capture_output=True, text=True, cwd=code)  # `python -m fvis` imports code/fvis
@@ -72,7 +74,7 @@ def sweep(name, jobs, label, code):
     jobs_s = sum(r["total_s"] for r in rows)
     later = rows[1:]
     median = {k: statistics.median(r[k] for r in later) for k in PHASES}
-    return {"label": label, "sweep": name, "jobs": len(rows), "command": " ".join(args[2:]), "wall_s": wall,
+    return {"label": label, "sweep": name, "over": over, "jobs": len(rows), "command": " ".join(args[2:]), "wall_s": wall,
             "startup_s": rows[0]["started"] - clock,  # to the second (run.json's clock)
             "cpu_s": cpu_s, "per_job_s": wall / len(rows), "jobs_s": jobs_s,
             "between_jobs_s": (wall - jobs_s) / len(rows), "first_job": {k: rows[0][k] for k in PHASES},
@@ -83,6 +85,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--jobs", default="tiny=100,mobilenet=20", help="sweep=count,...")
     parser.add_argument("--label", default="after")
+    parser.add_argument("--over", default="seed", choices=["seed", "lr"], help="the key the sweep varies")
     parser.add_argument("--code", default=str(ROOT), help="the checkout whose fvis runs (e.g. a worktree of main)")
     parser.add_argument("--out", default=str(ROOT / "experiments" / "results" / "sweep_overhead.json"))
     args = parser.parse_args()
@@ -90,9 +93,10 @@ def main():
     saved = json.loads(out.read_text()) if out.exists() else {"runs": []}
     for item in args.jobs.split(","):
         name, count = item.split("=")
-        result = sweep(name, int(count), args.label, args.code)
+        result = sweep(name, int(count), args.label, args.code, args.over)
         print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1), flush=True)
-        saved["runs"] = [r for r in saved["runs"] if (r["label"], r["sweep"]) != (args.label, name)] + [result]
+        key = (args.label, name, args.over)
+        saved["runs"] = [r for r in saved["runs"] if (r["label"], r["sweep"], r.get("over", "seed")) != key] + [result]
     saved["cpu"] = subprocess.run(["lscpu"], capture_output=True, text=True).stdout.split("Model name:")[1].split("\n")[0].strip()
     out.write_text(json.dumps(saved, indent=1) + "\n")
 
