@@ -16,8 +16,9 @@ seconds to tens of seconds of a cold start on a CPU. Three context managers avoi
   (the tiny test model, whose weights the golden outputs hold): constants on the host,
   every seeded random draw of the block in one compiled program.
 
-Both patch Keras' variable class (and the random module of Keras' initializers) for
-the duration of the block, in this process: build models in one thread at a time.
+Each patches Keras' variable class (`host_initial_values` also the random module of Keras'
+initializers) for the duration of the block, in this process: build models in one thread
+at a time.
 """
 
 import contextlib
