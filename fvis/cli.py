@@ -97,6 +97,9 @@ def checked_settings(cfg):
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)
+    rate = _given(cfg.optimizer, "learning_rate")  # `${lr}`, or set directly: optimizer.learning_rate=...
+    if rate is not None and not OmegaConf.is_config(rate):  # a config node is a schedule
+        optim.check_learning_rate(rate, key="optimizer.learning_rate")
     if cfg.image_size is not None:
         check_image_size(cfg.image_size)
     _check_layer_names(cfg)

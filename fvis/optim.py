@@ -10,6 +10,7 @@ import inspect
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from fvis.errors import InvalidValueError
@@ -57,9 +58,11 @@ def learning_rate_in_state(factory, **kwargs):
     `normalized_ascent` and optax's `adam`, `nadam`, `adamw` and `sgd` the updates are the same
     bits as with the rate compiled in (it enters as one final multiplication;
     tests/test_optim.py); where a factory computes more with its rate, XLA may round that
-    differently in the last bit. Where the factory has no `learning_rate` argument, the rate
-    is not a number (a schedule), the factory takes `*args`/`**kwargs`, or it needs its rate
-    as a Python number (it fails when traced with an array), this returns `factory(**kwargs)`.
+    differently in the last bit (optax's `adafactor` and `fromage`: up to 5e-8 in an image).
+    Where the factory has no `learning_rate` argument, the rate is not a number (a schedule),
+    the factory takes `*args`/`**kwargs`, or its optimiser raises anything when traced with
+    the rate as an array (checked on a small image-shaped probe, nothing compiled), this
+    returns `factory(**kwargs)`.
 
     Args:
         factory: a function returning an `optax.GradientTransformation` (`optax.adam`,
@@ -80,21 +83,23 @@ def learning_rate_in_state(factory, **kwargs):
         return plain  # absent, or a schedule: the factory keeps it
     static = set(parameters) - {"learning_rate"}
     wrapped = optax.inject_hyperparams(factory, static_args=static)(**{**kwargs, "learning_rate": float(rate)})
-    probe = jnp.zeros((2,), jnp.float32)
-    try:  # traced once, abstractly (no compile): a factory that needs a Python number raises here
+    probe = jnp.zeros((2, 2, 3), jnp.float32)  # an image's axes; traced abstractly, nothing compiled
+    try:
         jax.eval_shape(lambda p: wrapped.update(p, wrapped.init(p), p), probe)
-    except TypeError:  # jax.errors.ConcretizationTypeError and its kin are TypeErrors
+    except Exception:  # noqa: BLE001 (whatever a factory raises with a traced rate: it keeps its own path)
         return plain
     return wrapped
 
 
-def check_learning_rate(learning_rate):
-    """Raises InvalidValueError unless learning_rate is a finite number > 0."""
+def check_learning_rate(learning_rate, *, key="lr"):
+    """The learning rate as a float; raises InvalidValueError (naming `key`) unless it is a
+    number (not a string or bool) > 0 that float32 holds as a finite value (<= 3.4e38)."""
     try:
-        ok = float(learning_rate) > 0 and jnp.isfinite(float(learning_rate))
+        ok = not isinstance(learning_rate, (str, bytes, bool, np.bool_)) and \
+            0 < float(learning_rate) <= float(np.finfo(np.float32).max)
     except (TypeError, ValueError):
         ok = False
     if not ok:
-        raise InvalidValueError(f"lr (learning rate) must be a finite number > 0. "
-                                f"Received: lr={learning_rate!r}")
+        raise InvalidValueError(f"{key} (learning rate) must be a finite number > 0 (at most 3.4e38, float32's "
+                                f"largest). Received: {key}={learning_rate!r}")
     return float(learning_rate)

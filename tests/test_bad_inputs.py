@@ -176,7 +176,10 @@ def test_traces_do_not_grow_with_filters_chunks_or_steps(step_traces):
 
 @pytest.mark.parametrize("args, message", [
     (["steps=-1"], "steps must be an integer >= 1. Received: steps=-1"),
-    (["lr=0"], "must be a finite number > 0. Received: lr=0"),
+    (["lr=0"], "must be a finite number > 0 (at most 3.4e38, float32's largest). Received: lr=0"),
+    (["lr='0.05'"], "Received: lr='0.05'"),  # a string, even of a number, failed only when compiled
+    (["lr=true"], "Received: lr=True"),  # ran as lr 1
+    (["optimizer=adam", "optimizer.learning_rate=abc"], "Received: optimizer.learning_rate='abc'"),
     (["model=resnet50v2", "model.weights=null", "image_size=[16,16]"], "Input size must be at least 32x32"),
     (["model=resnet50v2", "model.name=ResNet51"], "Did you mean 'ResNet50'"),
     (["model=mobilenet"], "Missing mandatory value: model.weights"),

@@ -1,6 +1,8 @@
 """The optimisers: the learning rate held in the optimiser state gives the updates of the rate compiled
 in, bit for bit, and a step program that does not depend on it."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,8 +61,24 @@ def needs_a_number(learning_rate=1.0):
     return optax.scale(-float(learning_rate))
 
 
+def checks_its_type(learning_rate=1.0):
+    """A user's optimiser that refuses anything but a Python number, with a ValueError."""
+    if not isinstance(learning_rate, (int, float)):
+        raise ValueError(f"learning_rate must be a Python number, got {type(learning_rate).__name__}")
+    return optax.sgd(learning_rate)
+
+
+def wants_images(learning_rate=1.0):
+    """A user's optimiser whose update asserts image-shaped (H, W, C) parameters."""
+    def update(updates, state, params=None):
+        assert updates.ndim >= 3, "image-shaped parameters only"
+        return jax.tree.map(lambda u: -learning_rate * u, updates), state
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 @pytest.mark.parametrize("factory, kwargs", [
     (needs_a_number, {"learning_rate": 2.0}),  # fails when traced with an array
+    (checks_its_type, {"learning_rate": 2.0}),  # refuses the traced rate with a ValueError
     (optax.adam, {"learning_rate": optax.constant_schedule(0.1)}),  # a schedule: the factory keeps it
     (lambda *args, **kwargs: optax.adam(*args, **kwargs), {"learning_rate": 0.1}),  # no signature to bind
 ])
@@ -72,9 +90,16 @@ def test_factories_it_cannot_wrap_are_returned_as_they_are(factory, kwargs):
     assert updates.shape == (2,)
 
 
-@pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf"), "fast", None])
+def test_an_optimiser_for_image_shaped_parameters_is_probed_with_an_image_shape():
+    """The check that the rate can be traced runs the optimiser on an (H, W, C)-shaped probe."""
+    optimizer = optim.learning_rate_in_state(wants_images, learning_rate=2.0)
+    assert isinstance(optimizer.init(jnp.zeros((2, 2, 3))), optax.InjectStatefulHyperparamsState)
+
+
+@pytest.mark.parametrize("rate", [0, -1, float("nan"), float("inf"), 1e39, "fast", "0.05", True, None])
 def test_a_bad_rate_is_refused_naming_it(rate):
+    """Not a number > 0 that float32 holds: a string (even of a number), a bool, 1e39 (inf in float32)."""
     for build in (lambda: optim.normalized_ascent(rate),
                   lambda: optim.learning_rate_in_state(optim.normalized_ascent, learning_rate=rate)):
-        with pytest.raises(InvalidValueError, match=f"Received: lr={rate!r}"):
+        with pytest.raises(InvalidValueError, match=re.escape(f"Received: lr={rate!r}")):
             build()
