@@ -41,7 +41,8 @@ def normalized_ascent(learning_rate=10.0):
             scalar array held in the optimiser state (`learning_rate_in_state`).
 
     Raises:
-        InvalidValueError: a learning rate given as a number that is not finite and > 0.
+        InvalidValueError: a learning rate that is not a number > 0 float32 holds
+            (`check_learning_rate`).
     """
     if not isinstance(learning_rate, jax.core.Tracer):
         learning_rate = check_learning_rate(learning_rate)
@@ -83,7 +84,7 @@ def learning_rate_in_state(factory, **kwargs):
         return plain  # absent, or a schedule: the factory keeps it
     static = set(parameters) - {"learning_rate"}
     wrapped = optax.inject_hyperparams(factory, static_args=static)(**{**kwargs, "learning_rate": float(rate)})
-    probe = jnp.zeros((2, 2, 3), jnp.float32)  # an image's axes; traced abstractly, nothing compiled
+    probe = jax.ShapeDtypeStruct((2, 2, 3), jnp.float32)  # an image's axes; traced abstractly, nothing compiled
     try:
         jax.eval_shape(lambda p: wrapped.update(p, wrapped.init(p), p), probe)
     except Exception:  # noqa: BLE001 (whatever a factory raises with a traced rate: it keeps its own path)
