@@ -97,9 +97,8 @@ def checked_settings(cfg):
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)
-    rate = _given(cfg.optimizer, "learning_rate")  # `${lr}`, or set directly: optimizer.learning_rate=...
-    if rate is not None and not OmegaConf.is_config(rate):  # a config node is a schedule
-        optim.check_learning_rate(rate, key="optimizer.learning_rate")
+    if _optimizer_rate(cfg) is not None:
+        optim.check_learning_rate(_optimizer_rate(cfg), key="optimizer.learning_rate")
     if cfg.image_size is not None:
         check_image_size(cfg.image_size)
     _check_layer_names(cfg)
@@ -109,6 +108,13 @@ def checked_settings(cfg):
     for group in ("model", "objective", "param", "transform", "optimizer"):
         _check_arg_types(cfg.get(group), group)
     return settings, display, quality
+
+
+def _optimizer_rate(cfg):
+    """The optimizer's learning_rate as configured (`${lr}`, or set directly: optimizer.learning_rate=0.1),
+    or None where it has none or it is a schedule (a config node)."""
+    rate = _given(cfg.optimizer, "learning_rate")
+    return None if OmegaConf.is_config(rate) else rate
 
 
 def _check_layer_names(cfg):
@@ -357,8 +363,9 @@ def _job_line(cfg, preset):
     where = f"layer {value(cfg, 'layer')}" if layers is None else f"layers {layers}"
     size = _given(cfg, "image_size")
     size = "the model's own" if size is None else "x".join(str(v) for v in size)
+    lr = value(cfg, "lr") if _optimizer_rate(cfg) is None else _optimizer_rate(cfg)
     return (f"model {name}, {where}, filters {value(cfg, 'filters')}, {value(cfg, 'steps')} steps, "
-            f"lr {value(cfg, 'lr')}, image {size}, seed {value(cfg, 'seed')}, preset {preset or 'none'}")
+            f"lr {lr}, image {size}, seed {value(cfg, 'seed')}, preset {preset or 'none'}")
 
 
 def _versions():

@@ -127,6 +127,9 @@ def settings_rows(summary):
     config, found = summary.get("config") or {}, []
     for key, label in _SETTINGS:
         value = summary.get(key, config.get(key))
+        rate = (config.get("optimizer") or {}).get("learning_rate")
+        if key == "lr" and isinstance(rate, (int, float)):  # the rate that ran: optimizer.learning_rate=... wins
+            value = rate
         if key == "image_size" and value is not None:
             value = "x".join(str(v) for v in value)
         if key == "experiment":

@@ -319,3 +319,16 @@ def test_offline_imagenet_weights_print_only_fvis_line(monkeypatch, tmp_path, ca
     assert capsys.readouterr().out == ""
     message = str(info.value)
     assert "Errno" not in message and "/mobilenet_1_0_128_tf_no_top.h5: this machine" in message
+
+
+def test_a_learning_rate_set_on_the_optimizer_is_the_one_the_header_and_report_show():
+    """optimizer.learning_rate=0.25 runs at 0.25 whatever `lr` says, so the job line and the report's settings
+    show 0.25 (they showed `lr`, 10.0); through `lr` (or a schedule) they show `lr`."""
+    direct = composed("model=tiny", "optimizer=adam", "optimizer.learning_rate=0.25")
+    assert ", lr 0.25, " in cli._job_line(direct, None)
+    assert ", lr 0.3, " in cli._job_line(composed("model=tiny", "optimizer=adam", "lr=0.3"), None)
+    rows = dict(report.settings_rows({"config": {"lr": 10.0, "optimizer": {"learning_rate": 0.25}}}))
+    assert rows["learning rate"] == "0.25"
+    schedule = {"_target_": "optax.constant_schedule", "value": 0.1}
+    assert dict(report.settings_rows({"config": {"lr": 10.0, "optimizer": {"learning_rate": schedule}}}))[
+        "learning rate"] == "10.0"
