@@ -97,8 +97,9 @@ def checked_settings(cfg):
     display = Display(**cfg.display)
     quality = Quality(**cfg.quality)
     optim.check_learning_rate(cfg.lr)
-    if _optimizer_rate(cfg) is not None:
-        optim.check_learning_rate(_optimizer_rate(cfg), key="optimizer.learning_rate")
+    rate = _optimizer_rate(cfg)
+    if rate is not None:
+        optim.check_learning_rate(rate, key="optimizer.learning_rate")
     if cfg.image_size is not None:
         check_image_size(cfg.image_size)
     _check_layer_names(cfg)
@@ -363,7 +364,8 @@ def _job_line(cfg, preset):
     where = f"layer {value(cfg, 'layer')}" if layers is None else f"layers {layers}"
     size = _given(cfg, "image_size")
     size = "the model's own" if size is None else "x".join(str(v) for v in size)
-    lr = value(cfg, "lr") if _optimizer_rate(cfg) is None else _optimizer_rate(cfg)
+    rate = _optimizer_rate(cfg)
+    lr = value(cfg, "lr") if rate is None else rate
     return (f"model {name}, {where}, filters {value(cfg, 'filters')}, {value(cfg, 'steps')} steps, "
             f"lr {lr}, image {size}, seed {value(cfg, 'seed')}, preset {preset or 'none'}")
 

@@ -125,10 +125,10 @@ TIMINGS_START, TIMINGS_END = "<!-- timings -->", "<!-- /timings -->"  # this att
 def settings_rows(summary):
     """[(label, text)] of the run's settings from a results.json dict (its config and facts)."""
     config, found = summary.get("config") or {}, []
+    rate = (config.get("optimizer") or {}).get("learning_rate")  # the rate that ran: set directly, it wins over lr
     for key, label in _SETTINGS:
         value = summary.get(key, config.get(key))
-        rate = (config.get("optimizer") or {}).get("learning_rate")
-        if key == "lr" and isinstance(rate, (int, float)):  # the rate that ran: optimizer.learning_rate=... wins
+        if key == "lr" and isinstance(rate, (int, float)):
             value = rate
         if key == "image_size" and value is not None:
             value = "x".join(str(v) for v in value)
