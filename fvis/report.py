@@ -125,7 +125,8 @@ TIMINGS_START, TIMINGS_END = "<!-- timings -->", "<!-- /timings -->"  # this att
 def settings_rows(summary):
     """[(label, text)] of the run's settings from a results.json dict (its config and facts)."""
     config, found = summary.get("config") or {}, []
-    rate = (config.get("optimizer") or {}).get("learning_rate")  # the rate that ran: set directly, it wins over lr
+    optimizer = config.get("optimizer")  # a config dict from the command; a description from Python
+    rate = optimizer.get("learning_rate") if isinstance(optimizer, dict) else None  # the rate that ran wins over lr
     for key, label in _SETTINGS:
         value = summary.get(key, config.get(key))
         if key == "lr" and isinstance(rate, (int, float)):

@@ -332,3 +332,5 @@ def test_a_learning_rate_set_on_the_optimizer_is_the_one_the_header_and_report_s
     schedule = {"_target_": "optax.constant_schedule", "value": 0.1}
     assert dict(report.settings_rows({"config": {"lr": 10.0, "optimizer": {"learning_rate": schedule}}}))[
         "learning rate"] == "10.0"
+    python_job = {"config": {"optimizer": "GradientTransformation(init=..., update=...)"}}  # fvis.runs' description
+    assert "learning rate" not in dict(report.settings_rows(python_job))
