@@ -49,10 +49,9 @@ class Skipped:
     refilled: list = dataclasses.field(default_factory=list)
 
     def _finish(self):
-        for variable, placeholder, initializer in self.entries:
-            if variable._value is placeholder:  # nothing assigned it since it was built
-                _ORIGINAL(variable, initializer)
-                self.refilled.append(variable.path)
+        for variable, initializer in _unassigned(self.entries):
+            _ORIGINAL(variable, initializer)
+            self.refilled.append(variable.path)
         self.entries = []
 
 
@@ -76,11 +75,9 @@ def skipped_initial_values():
     skipped = Skipped()
 
     def initialize(variable, initializer):
-        shape, dtype = tuple(variable._shape), variable._dtype
-        if not (isinstance(initializer, Initializer) and _numpy_dtype(dtype) and _no_layout(variable)):
+        if not (isinstance(initializer, Initializer) and _numpy_dtype(variable._dtype) and _no_layout(variable)):
             return _ORIGINAL(variable, initializer)
-        variable._initialize(_on_device(np.zeros(shape, _numpy_dtype(dtype))))
-        skipped.entries.append((variable, variable._value, initializer))
+        skipped.entries.append((variable, _start_as_zeros(variable), initializer))
 
     with _patched(keras_backend.Variable, "_initialize_with_initializer", initialize):
         yield skipped
@@ -146,17 +143,29 @@ def initial_values_in_one_program():
             return variable._initialize(_on_device(value))
         if not (isinstance(initializer, random_initializers.RandomInitializer) and _int_seed(initializer.seed)):
             return _ORIGINAL(variable, initializer)
-        variable._initialize(_on_device(np.zeros(shape, dtype)))
-        pending.append((variable, variable._value, initializer))
+        pending.append((variable, _start_as_zeros(variable), initializer))
 
     with _patched(keras_backend.Variable, "_initialize_with_initializer", initialize):
         yield
-    if pending:
-        draw = lambda: [init(tuple(v._shape), dtype=v._dtype) for v, _, init in pending]
+    unassigned = _unassigned(pending)
+    if unassigned:
+        draw = lambda: [init(tuple(v._shape), dtype=v._dtype) for v, init in unassigned]
         values = jax.jit(draw, compiler_options=devices.compiler_options())()  # fvis' level: same bits
-        for (variable, placeholder, _), value in zip(pending, values):
-            if variable._value is placeholder:  # nothing assigned it in the block
-                variable._initialize(value)
+        for (variable, _), value in zip(unassigned, values):
+            variable._initialize(value)
+
+
+def _start_as_zeros(variable):
+    """Gives the variable host zeros of its shape and dtype as a placeholder value; returns the placeholder."""
+    variable._initialize(_on_device(np.zeros(tuple(variable._shape), _numpy_dtype(variable._dtype))))
+    return variable._value
+
+
+def _unassigned(entries):
+    """(variable, initializer) of the (variable, placeholder, initializer) entries still holding their
+    placeholder: nothing assigned them since they were built."""
+    return [(variable, initializer) for variable, placeholder, initializer in entries
+            if variable._value is placeholder]
 
 
 def _constant_value(initializer, shape, dtype):
